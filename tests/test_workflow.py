@@ -1,0 +1,67 @@
+"""The Snakemake DAG is the one hand-written DAG; dvc.yaml must mirror it exactly."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from longctx.cli import main
+from longctx.dvc_export import export_dvc_yaml
+from longctx.workflow import check_config
+
+
+@pytest.fixture(scope="module")
+def exported(root):
+    return export_dvc_yaml(root / "Snakefile", root / "params.yaml")
+
+
+def test_dvc_yaml_is_in_sync_with_the_snakemake_dag(root, exported):
+    committed = (root / "dvc.yaml").read_text()
+    assert committed == exported, "dvc.yaml is stale: run `longctx dvc-export` and commit it"
+
+
+def test_every_stage_runs_its_own_longctx_step(exported):
+    stages = yaml.safe_load(exported)["stages"]
+    assert list(stages) == ["base_model", "corpus", "embed", "index"]  # dependency order
+    for name, stage in stages.items():
+        assert stage["cmd"].startswith(f"longctx {name.replace('_', '-')} "), name
+        assert any(dep.startswith("src/longctx/") for dep in stage["deps"]), name
+    assert stages["index"]["params"] == ["index", "seed"]
+    assert stages["embed"]["params"] == ["embed"]
+    assert "data/corpus/docs.parquet" in stages["embed"]["deps"]
+    assert stages["corpus"]["metrics"] == ["data/corpus/stats.json"]
+
+
+def test_snakemake_refuses_config_overrides():
+    with pytest.raises(ValueError, match="differs from .*params.yaml"):
+        check_config({"seed": 1}, "params.yaml")
+
+
+def test_profile_switch_rewrites_params_and_dvc_yaml(root, tmp_path, monkeypatch):
+    import shutil
+
+    for name in ("Snakefile", "params.yaml", "dvc.yaml"):
+        shutil.copy(root / name, tmp_path / name)
+    for name in ("workflow", "configs", "src"):
+        shutil.copytree(root / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", "micro"]) == 0
+    assert (tmp_path / "params.yaml").read_text() == (root / "configs" / "micro.yaml").read_text()
+    assert (tmp_path / "dvc.yaml").read_text() == export_dvc_yaml(
+        tmp_path / "Snakefile", tmp_path / "params.yaml")
+    assert main(["profile", "no-such-profile"]) == 1
+    assert (tmp_path / "params.yaml").read_text() == (root / "configs" / "micro.yaml").read_text()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("embed:\n  batchsize: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "longctx.cli", "--params", str(bad), "validate"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"longctx validate: error: {bad}: embed.batchsize: unknown key"
+    ]
