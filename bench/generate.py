@@ -1,0 +1,184 @@
+"""Benchmark LLM generation on this machine; prints ONE JSON object on stdout.
+
+(a) throughput: output tokens/s of our transformers backend (`LLM.chat` over `HFBackend`:
+    length-sorted, left-padded batches of B) against a naive loop calling `model.generate`
+    once per prompt, on the same N prompts ("Summarize: <Lee news article>", truncated to
+    varied lengths), same model and dtype, greedy, same max_new_tokens. Goal: ratio >= 3x
+    on 2 CPU cores. Greedy texts of both are compared (batching should not change them).
+(b) cache: `LLM.chat` calls/s cold (generating, writing the cache) and warm (all hits).
+
+    python bench/generate.py                       # 16 prompts, batch 8, 64 new tokens
+    python bench/generate.py --prompts 8 --max-new-tokens 16     # smoke run
+    python bench/generate.py --model-dir models/base --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    model = ""
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def demo_prompts(n: int) -> list[list[dict[str, str]]]:
+    """'Summarize: <article>' chats, articles cut to 40..250 words so lengths vary."""
+    from longctx.assets import demo_corpus_files
+
+    lines = [ln.strip() for ln in demo_corpus_files()["lee"].read_text(errors="replace")
+             .splitlines() if ln.strip()]
+    chats = []
+    for i in range(n):
+        words = lines[i % len(lines)].split()[: 40 + (i * 97) % 211]
+        text = "Summarize in two sentences: " + " ".join(words)
+        chats.append([{"role": "user", "content": text}])
+    return chats
+
+
+def model_dir(arg: str | None, tmp: Path) -> Path:
+    if arg:
+        return Path(arg)
+    if Path("models/base/config.json").is_file():
+        return Path("models/base")
+    from longctx.base_model import prepare_base_model
+    from longctx.config import BaseModelConfig
+
+    log("models/base not found: converting the bundled GGUF (about a minute)")
+    path = tmp / "base"
+    prepare_base_model(BaseModelConfig(), path)
+    return path
+
+
+def naive_loop(path: Path, chats: list, max_new_tokens: int, dtype: str) -> dict:
+    """What a first script does: one `generate` per prompt, the checkpoint's own defaults
+    except greedy decoding and the same token budget."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+
+    def one(chat):
+        inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        stop = next((i for i, t in enumerate(new) if t in eos), None)
+        kept = new if stop is None else new[:stop]
+        return tokenizer.decode(kept, skip_special_tokens=True), len(kept) + (stop is not None)
+
+    one(chats[0][:1])  # warm-up: first-call allocations and kernel selection
+    t0 = time.perf_counter()
+    results = [one(c) for c in chats]
+    seconds = time.perf_counter() - t0
+    tokens = sum(n for _, n in results)
+    return {"seconds": round(seconds, 2), "output_tokens": tokens,
+            "output_tokens_per_s": round(tokens / seconds, 2),
+            "texts": [t for t, _ in results]}
+
+
+def ours(path: Path, chats: list, max_new_tokens: int, batch_size: int, cache: Path) -> dict:
+    from longctx.llm import LLM, CallCache, Sampling
+    from longctx.llm.hf import HFBackend
+
+    backend = HFBackend(path, device="cpu")
+    llm = LLM(backend, CallCache(cache), batch_size=batch_size)
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    backend.generate(chats[:1], sampling)  # warm-up, outside the cache
+    t0 = time.perf_counter()
+    outs = llm.chat(chats, sampling, "bench/1", desc="bench")
+    cold = time.perf_counter() - t0
+    stats = llm.last
+    t0 = time.perf_counter()
+    warm_outs = llm.chat(chats, sampling, "bench/1", desc="bench-warm")
+    warm = time.perf_counter() - t0
+    assert warm_outs == outs and llm.last.hits == len(chats)
+    tokens = sum(o.completion_tokens for o in outs)
+    return {
+        "dtype": backend.dtype,
+        "seconds": round(cold, 2),
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / cold, 2),
+        "batches": stats.batches,
+        "prompt_tokens": [o.prompt_tokens for o in outs],
+        "finish_reasons": {r: sum(o.finish_reason == r for o in outs) for r in ("stop", "length")},
+        "cache": {"cold_calls_per_s": round(len(chats) / cold, 2),
+                  "warm_calls_per_s": round(len(chats) / warm, 1),
+                  "warm_seconds": round(warm, 4), "hits": llm.last.hits},
+        "texts": [o.text for o in outs],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--model-dir", default=None, help="default: models/base, else the bundled GGUF")
+    p.add_argument("--skip-naive", action="store_true")
+    args = p.parse_args()
+
+    t_start = time.perf_counter()
+    out = {"benchmark": "generate", "machine": machine(), "settings": vars(args),
+           "load_average_before": load_average()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_dir(args.model_dir, Path(tmp))
+        out["settings"]["model_dir"] = str(path)
+        chats = demo_prompts(args.prompts)
+        log(f"ours: batch {args.batch_size}, {len(chats)} prompts")
+        mine = ours(path, chats, args.max_new_tokens, args.batch_size, Path(tmp) / "calls.sqlite")
+        out["ours"] = {k: v for k, v in mine.items() if k != "texts"}
+        if not args.skip_naive:
+            log("naive: one generate per prompt")
+            naive = naive_loop(path, chats, args.max_new_tokens, mine["dtype"])
+            out["naive"] = {k: v for k, v in naive.items() if k != "texts"}
+            out["speedup_output_tokens_per_s"] = round(
+                mine["output_tokens_per_s"] / naive["output_tokens_per_s"], 2)
+            out["identical_texts"] = sum(a == b for a, b in zip(mine["texts"], naive["texts"]))
+            out["goal"] = {"speedup_at_least": 3.0,
+                           "met": out["speedup_output_tokens_per_s"] >= 3.0}
+    out["load_average_after"] = load_average()
+    out["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
