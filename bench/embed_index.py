@@ -20,51 +20,27 @@ import bz2
 import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
+from machine import load_average, log, machine_info
 
 from longctx.config import EmbedConfig, IndexConfig
 from longctx.retrieval.embed import doc_text, embed_corpus, load_embedder, resolve_model
 from longctx.retrieval.index import apply_search_params, new_index, omp_threads, recall_at_k
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 def machine() -> dict:
     import sentence_transformers
-    import torch
-    import transformers
 
-    model = ""
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "ram_gib": round(mem, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        **machine_info(),
         "faiss": faiss.__version__,
         "faiss_simd": faiss.get_compile_options(),
         "sentence_transformers": sentence_transformers.__version__,
-        "transformers": transformers.__version__,
-        # other processes on the machine skew timings: read ratios with the load in mind
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -338,7 +314,7 @@ def main() -> None:
     if not args.skip_ann:
         out["ann"] = [bench_ann(int(s), args) for s in args.sizes.split(",") if s]
     out["total_seconds"] = round(time.perf_counter() - t0, 1)
-    out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["load_average_at_end"] = load_average()
     print(json.dumps(out, indent=2))
 
 

@@ -14,3 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def root() -> Path:
     """The project checkout (where Snakefile, params.yaml and configs/ live)."""
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir(tmp_path_factory) -> Path:
+    """models/base as the base_model step writes it from the bundled GGUF (about a minute)."""
+    from longctx.base_model import prepare_base_model
+    from longctx.config import BaseModelConfig
+
+    path = tmp_path_factory.mktemp("bundled") / "base"
+    prepare_base_model(BaseModelConfig(), path)
+    return path

@@ -61,6 +61,15 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(search_command(args.query, args.k, args.index, args.embeddings, args.docs))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from longctx.llm.serve import serve_forever
+
+    llm = _params(args).llm
+    serve_forever(args.model, args.host, args.port, model_name=args.name,
+                  api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
+                  device=llm.device, dtype=llm.dtype, context_tokens=llm.context_tokens)
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     for path in args.files or [args.params]:
         load_params(path)
@@ -143,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, default=Path("data/index"))
     p.add_argument("--embeddings", type=Path, default=Path("data/embeddings"))
     p.add_argument("--docs", type=Path, default=Path("data/corpus/docs.parquet"))
+
+    p = add("serve", cmd_serve, "serve a model dir on an OpenAI-compatible endpoint "
+            "(/v1/chat/completions), e.g. for llm.backend: openai")
+    p.add_argument("--model", type=Path, default=Path("models/base"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default="base", help="model name clients ask for")
+    p.add_argument("--api-key-env", default=None,
+                   help="NAME of an environment variable whose value clients must send")
 
     p = add("validate", cmd_validate, "validate params files (default: --params)")
     p.add_argument("files", nargs="*", type=Path)

@@ -162,12 +162,51 @@ class IndexConfig(Section):
     )
 
 
+class LLMConfig(Section):
+    backend: Literal["hf", "openai", "vllm"] = Field(
+        default="hf",
+        description="hf: transformers in this process; openai: any OpenAI-compatible server "
+        "(vLLM, SGLang, TGI, llama.cpp); vllm: vLLM's offline engine (the `vllm` extra)",
+    )
+    model: str = Field(
+        default="base",
+        description="'base' (models/base, the short-context model itself), a hub id or local "
+        "dir (hf, vllm), or the served model name (openai)",
+    )
+    base_url: str | None = Field(
+        default=None, description="openai: the server's base URL, e.g. http://localhost:8000/v1"
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="openai: NAME of the environment variable holding the API key (never the key)",
+    )
+    batch_size: PositiveInt = Field(default=8, description="hf/vllm: prompts per generate call")
+    max_concurrency: PositiveInt = Field(default=8, description="openai: requests in flight")
+    max_retries: Annotated[int, Field(ge=0)] = Field(
+        default=4, description="openai: retries on 5xx, 429 and timeouts (exponential backoff)"
+    )
+    timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="openai: seconds before a request counts as timed out"
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="hf: device")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="hf/vllm: compute dtype (auto: bfloat16 on GPU, float32 on CPU)"
+    )
+    context_tokens: PositiveInt | None = Field(
+        default=None,
+        description="the generator's usable window in tokens (default: the model's "
+        "max_position_embeddings)",
+    )
+    trust_remote_code: bool = Field(default=False, description="allow model code from the hub")
+
+
 class Params(Section):
     seed: int = Field(default=1234, description="global seed: sampling, training, index build")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

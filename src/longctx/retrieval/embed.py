@@ -32,6 +32,7 @@ from tqdm import tqdm
 from longctx import assets
 from longctx.config import BUNDLED, EmbedConfig
 from longctx.errors import LongctxError
+from longctx.hub import hub_snapshot, looks_like_path, resolve_device
 from longctx.repro import atomic_path, cache_root, fingerprint, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -51,27 +52,6 @@ def shard_name(i: int) -> str:
 # --------------------------------------------------------------------------- the embedder
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def _looks_like_path(model: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else the user wrote is a local path."""
-    return (
-        model.startswith((".", "/", "~"))
-        or model.count("/") > 1
-        or os.sep != "/" and os.sep in model
-    )
-
-
 @functools.lru_cache(maxsize=4)
 def resolve_model(model: str) -> tuple[Path, dict[str, Any]]:
     """The local directory of `model` and its identity (name, revision, file hashes).
@@ -86,23 +66,10 @@ def resolve_model(model: str) -> tuple[Path, dict[str, Any]]:
         path = assets.bundled_embedder()
     elif Path(model).expanduser().is_dir():
         path = Path(model).expanduser()
-    elif _looks_like_path(model):
+    elif looks_like_path(model):
         raise LongctxError(f"embed.model: local embedder path {model!r} does not exist")
     else:
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(model, local_files_only=True))
-        except Exception:
-            if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-                raise LongctxError(
-                    f"embed.model: {model!r} is not in the local Hugging Face cache and "
-                    "HF_HUB_OFFLINE is set"
-                ) from None
-            try:
-                path = Path(snapshot_download(model))
-            except Exception as exc:
-                raise LongctxError(f"embed.model: cannot fetch {model!r}: {exc}") from None
+        path = hub_snapshot(model, "embed.model")
         revision = path.name  # snapshot directories are named by commit hash
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise LongctxError(f"embed.model: {path} is not a sentence-transformers model directory")

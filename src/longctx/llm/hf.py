@@ -1,0 +1,171 @@
+"""The transformers backend: real batched `generate` in this process (the default).
+
+Batches are left-padded (a decoder continues from the last column), and `LLM` hands over
+batches of similar length, so little compute goes to padding. The model's own
+generation_config is reduced to its special tokens: decoding is exactly what `Sampling` says
+(no hidden repetition penalty or top-k from a checkpoint), the same as on an OpenAI server.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from longctx.errors import LongctxError
+from longctx.hub import hub_snapshot, looks_like_path, resolve_device
+from longctx.llm.base import Chat, Completion, Sampling, check_window
+from longctx.repro import sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "longctx_manifest.json"  # written by base_model.prepare_base_model
+_NOT_MODEL_FILES = {"README.md", ".gitattributes", MANIFEST}
+
+
+# --------------------------------------------------------------------------- model identity
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)  # memoized per (path, size, mtime): a rewritten file is rehashed
+
+
+def resolve_model(model: str) -> tuple[Path, dict[str, Any]]:
+    """The local directory of `model` and its identity (file hashes, or hub revision).
+
+    A directory written by the base_model step carries its file hashes in its manifest, so
+    nothing is rehashed; another local directory is hashed (once per process while its files
+    are unchanged); a hub id is found in the local Hugging Face cache (downloaded only if
+    HF_HUB_OFFLINE is not set) and identified by its snapshot commit.
+    """
+    local = Path(model).expanduser()
+    if local.is_dir():
+        manifest = local / MANIFEST
+        if manifest.is_file():
+            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        else:
+            files = {
+                p.relative_to(local).as_posix(): _file_sha256(p, *_stamp(p))
+                for p in sorted(local.rglob("*"))
+                if p.is_file() and p.name not in _NOT_MODEL_FILES and ".git" not in p.parts
+            }
+        return local, {"files": files}
+    if looks_like_path(model):
+        raise LongctxError(f"llm.model: local model directory {model!r} does not exist")
+    path = hub_snapshot(model, "llm.model")
+    return path, {"hub_id": model, "revision": path.name}  # snapshots are named by commit
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """auto: bfloat16 on GPUs, float32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
+    """Every id that ends a turn: the tokenizer's eos and the checkpoint's (e.g. <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def render_chat(tokenizer: Any, chat: Chat) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise LongctxError(f"llm.model: tokenizer {tokenizer.name_or_path!r} has no chat template")
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class HFBackend:
+    """transformers `generate` on one device; `model` is a local dir or a hub id."""
+
+    name = "hf"
+
+    def __init__(self, model: str | Path, *, device: str = "auto", dtype: str = "auto",
+                 context_tokens: int | None = None, trust_remote_code: bool = False) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        path, identity = resolve_model(str(model))
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                path, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, self.dtype), use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
+        except OSError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LongctxError(f"llm.model {str(model)!r}: cannot load: {first}") from None
+        self.model.to(self.device).eval()
+
+        self.tokenizer.padding_side = "left"
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
+        if not self.eos_ids:
+            raise LongctxError(f"llm.model {str(model)!r}: no eos token: generation cannot stop")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.eos_ids[0])
+        # Only the special tokens survive from the checkpoint's decoding defaults.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.model.generation_config.bos_token_id,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        self.context_tokens = context_tokens or window
+        self.identity = {"backend": "hf", "model": identity, "dtype": self.dtype}
+
+    def render(self, chat: Chat) -> str:
+        return render_chat(self.tokenizer, chat)
+
+    def prompt_tokens(self, rendered: list[str]) -> list[int]:
+        return [len(ids) for ids in self._encode(rendered)]
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return self.prompt_tokens(texts)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        # The chat template already wrote every special token: add none (no double BOS).
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
+        import torch
+
+        ids = self._encode([self.render(c) for c in chats])
+        lengths = [len(x) for x in ids]
+        check_window(lengths, sampling.max_new_tokens, self.context_tokens)
+        batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        options: dict[str, Any] = {"do_sample": False}
+        if not sampling.greedy:
+            options = {"do_sample": True, "temperature": sampling.temperature,
+                       "top_p": sampling.top_p, "top_k": 0}
+            torch.manual_seed(sampling.seed)  # the batch's seed (see Sampling)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=sampling.max_new_tokens, **options)
+        new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
+        return [self._completion(row, n) for row, n in zip(new_tokens, lengths)]
+
+    def _completion(self, row: list[int], prompt_tokens: int) -> Completion:
+        stop = next((i for i, tok in enumerate(row) if tok in self.eos_ids), None)
+        kept = row if stop is None else row[:stop]
+        return Completion(
+            text=self.tokenizer.decode(kept, skip_special_tokens=True),
+            finish_reason="length" if stop is None else "stop",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(kept) + (stop is not None),  # the end-of-turn token counts
+        )

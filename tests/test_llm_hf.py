@@ -1,0 +1,116 @@
+"""The transformers backend on a tiny random chat model: batching must not change outputs."""
+
+import json
+
+import pytest
+from llm_data import PROMPTS, build_tiny_chat_model, build_tokenizer, user
+
+from longctx.errors import LongctxError
+from longctx.llm.base import Sampling
+from longctx.llm.hf import HFBackend, resolve_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "chat")
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir):
+    return HFBackend(model_dir)
+
+
+def test_batched_greedy_equals_one_by_one(backend):
+    chats = [user(p) for p in PROMPTS]
+    lengths = backend.prompt_tokens([backend.render(c) for c in chats])
+    assert max(lengths) > 2 * min(lengths)  # the batch really is padded
+    sampling = Sampling(max_new_tokens=10)
+    batched = backend.generate(chats, sampling)
+    alone = [backend.generate([c], sampling)[0] for c in chats]
+    assert batched == alone
+    assert len({c.text for c in batched}) > 1  # outputs depend on the prompt
+
+
+def test_render_is_the_chat_template_with_generation_prompt(backend):
+    text = backend.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n" \
+                   "<|im_start|>assistant\n"
+    # the template wrote the special tokens; tokenizing must not add a second BOS
+    ids = backend.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert backend.prompt_tokens([text]) == [len(ids)]
+    assert ids[0] == backend.tokenizer.bos_token_id and ids[1] != ids[0]
+
+
+def test_max_new_tokens_and_length_finish(backend):
+    for n in (1, 7):
+        (out,) = backend.generate([user("hello there")], Sampling(max_new_tokens=n))
+        assert out.completion_tokens == n
+        assert out.finish_reason == "length"
+        assert out.prompt_tokens == backend.prompt_tokens([backend.render(user("hello there"))])[0]
+
+
+def test_generation_config_eos_ids_stop_generation(model_dir, backend, tmp_path):
+    """A checkpoint may list several end-of-turn ids (Llama 3 does): each one stops."""
+    chats = [user("What is the capital of France?"), user("hi")]
+    prompt = backend.tokenizer(backend.render(chats[0]), add_special_tokens=False,
+                               return_tensors="pt")
+    out = backend.model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    first_ids = out[0, prompt["input_ids"].shape[1]:].tolist()  # what greedy decoding picks
+    stop_id = first_ids[4]  # the 5th generated token becomes an end-of-turn token
+    stopper = build_tiny_chat_model(tmp_path / "stopper", extra_eos=[stop_id])
+    stopping = HFBackend(stopper)
+    assert stop_id in stopping.eos_ids and backend.tokenizer.eos_token_id in stopping.eos_ids
+    outs = stopping.generate(chats, Sampling(max_new_tokens=12))
+    k = first_ids.index(stop_id)  # the first occurrence is where generation stops
+    assert outs[0].finish_reason == "stop"
+    assert outs[0].completion_tokens == k + 1  # the stop token counts, its text does not
+    assert outs[0].text == backend.tokenizer.decode(first_ids[:k])
+    # the other row keeps going after its neighbour stopped, and is unaffected by it
+    assert outs[1] == stopping.generate([chats[1]], Sampling(max_new_tokens=12))[0]
+
+
+def test_seeded_sampling_is_reproducible_and_depends_on_the_seed(backend):
+    chats = [user(p) for p in PROMPTS[:4]]
+
+    def sample(seed):
+        return backend.generate(chats, Sampling(max_new_tokens=12, temperature=1.0, seed=seed))
+
+    a = sample(1)
+    backend.generate(chats, Sampling(max_new_tokens=5, temperature=1.0, seed=99))  # other work
+    assert sample(1) == a  # nothing that ran before matters
+    assert sample(2) != a
+    assert a != backend.generate(chats, Sampling(max_new_tokens=12))  # it really samples
+
+
+def test_prompt_longer_than_the_window_is_refused(tmp_path):
+    small = HFBackend(build_tiny_chat_model(tmp_path / "small", max_positions=64))
+    assert small.context_tokens == 64
+    chats = [user("short"), user("x" * 60)]
+    with pytest.raises(LongctxError, match=r"prompt 1 has \d+ tokens.*64-token window"):
+        small.generate(chats, Sampling(max_new_tokens=8))
+    configured = HFBackend(tmp_path / "small", context_tokens=32)
+    with pytest.raises(LongctxError, match="32-token window"):
+        configured.generate([user("a" * 20)], Sampling(max_new_tokens=8))
+
+
+def test_identity_hashes_model_files_or_reads_the_manifest(model_dir, tmp_path):
+    _, identity = resolve_model(str(model_dir))
+    assert {"model.safetensors", "tokenizer.json", "config.json",
+            "generation_config.json"} <= set(identity["files"])
+    manifest_dir = tmp_path / "with_manifest"
+    manifest_dir.mkdir()
+    (manifest_dir / "config.json").write_text("{}")
+    (manifest_dir / "longctx_manifest.json").write_text(json.dumps({"files": {"a": "b"}}))
+    assert resolve_model(str(manifest_dir))[1] == {"files": {"a": "b"}}
+    with pytest.raises(LongctxError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_a_tokenizer_without_chat_template_is_named(tmp_path):
+    path = build_tiny_chat_model(tmp_path / "plain")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(LongctxError, match="no chat template"):
+        HFBackend(path).render(user("hi"))

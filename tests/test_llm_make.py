@@ -1,0 +1,27 @@
+"""`make_llm` turns params into a backend, or says exactly what is missing."""
+
+import importlib.util
+
+import pytest
+
+from longctx.config import LLMConfig
+from longctx.errors import LongctxError
+from longctx.llm import make_llm
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_without_the_extra_says_how_to_install(tmp_path):
+    with pytest.raises(LongctxError, match=r"pip install 'longctx\[vllm\]'"):
+        make_llm(LLMConfig(backend="vllm"), tmp_path, cache_path=tmp_path / "c.sqlite")
+
+
+def test_openai_needs_a_base_url(tmp_path):
+    with pytest.raises(LongctxError, match="llm.base_url: required"):
+        make_llm(LLMConfig(backend="openai"), tmp_path, cache_path=tmp_path / "c.sqlite")
+
+
+def test_openai_batches_keep_every_connection_busy(tmp_path):
+    cfg = LLMConfig(backend="openai", base_url="http://127.0.0.1:9/v1/", max_concurrency=3)
+    with make_llm(cfg, tmp_path, cache_path=tmp_path / "c.sqlite") as llm:
+        assert llm.batch_size == 12
+        assert llm.identity["base_url"] == "http://127.0.0.1:9/v1"  # one spelling per server
