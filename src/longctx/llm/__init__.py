@@ -52,15 +52,15 @@ def make_backend(cfg: LLMConfig, base_model_dir: Path) -> Backend:
 
 def _base_tokenizer_counter(base_model_dir: Path):
     """openai: callers budget with the base model's tokenizer (loaded on first use)."""
-    tokenizer = None
+    counter = None
 
     def count(texts: list[str]) -> list[int]:
-        nonlocal tokenizer
-        if tokenizer is None:
-            from transformers import AutoTokenizer
+        nonlocal counter
+        if counter is None:
+            from longctx.corpus import token_counter  # the corpus step counts the same way
 
-            tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            counter = token_counter(base_model_dir)
+        return counter(texts)
 
     return count
 
