@@ -6,9 +6,11 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/corpus.smk"
 include: "workflow/rules/retrieval.smk"
+include: "workflow/rules/synth.smk"
 
 
 rule all:
     input:
-        rules.index.output.index,
+        rules.respond.output.responses,
+        rules.long_output.output.long_output,
     default_target: True

@@ -71,3 +71,22 @@ PROMPTS = [  # varied lengths, so batches need real left padding
 
 def manifest_files(path: Path) -> dict:
     return json.loads((path / "longctx_manifest.json").read_text())["files"]
+
+
+class Killed(Exception):
+    """Raised where a killed process would have stopped."""
+
+
+def kill_on_call(monkeypatch, backend, n: int) -> list[int]:
+    """Make the backend's n-th generate call (1-based) die, as a killed process would;
+    returns the batch sizes of the calls made (the dying one included)."""
+    real, calls = backend.generate, []
+
+    def generate(chats, sampling):
+        calls.append(len(chats))
+        if len(calls) == n:
+            raise Killed
+        return real(chats, sampling)
+
+    monkeypatch.setattr(backend, "generate", generate)
+    return calls

@@ -4,7 +4,7 @@ run returns exactly what an uninterrupted run would."""
 import sqlite3
 
 import pytest
-from llm_data import PROMPTS, build_tiny_chat_model, user
+from llm_data import PROMPTS, Killed, build_tiny_chat_model, kill_on_call, user
 
 from longctx.llm import LLM, CallCache, Sampling
 from longctx.llm.cache import call_key
@@ -25,22 +25,6 @@ def make(backend, path, batch_size=4):
     return LLM(backend, CallCache(path), batch_size=batch_size)
 
 
-class Killed(Exception):
-    pass
-
-
-def kill_on_batch(monkeypatch, backend, n):
-    """Make the n-th generate call (1-based) die, as a killed process would."""
-    real, calls = backend.generate, []
-
-    def generate(chats, sampling):
-        calls.append(len(chats))
-        if len(calls) == n:
-            raise Killed
-        return real(chats, sampling)
-
-    monkeypatch.setattr(backend, "generate", generate)
-    return calls
 
 
 def test_second_call_is_all_hits_with_identical_completions(backend, tmp_path):
@@ -66,14 +50,14 @@ def test_killed_run_resumes_with_only_unfinished_batches(backend, tmp_path, monk
     reference = make(backend, tmp_path / "ref.sqlite").chat(CHATS, sampling, "t/1")
 
     path = tmp_path / "killed.sqlite"
-    calls = kill_on_batch(monkeypatch, backend, 2)
+    calls = kill_on_call(monkeypatch, backend, 2)
     with pytest.raises(Killed):
         make(backend, path).chat(CHATS, sampling, "t/1")
     assert len(CallCache(path)) == 4  # batch 1 stored whole, batch 2 not at all
     monkeypatch.undo()
 
     resumed = make(backend, path)
-    calls = kill_on_batch(monkeypatch, backend, 0)  # counts calls, never kills
+    calls = kill_on_call(monkeypatch, backend, 0)  # counts calls, never kills
     outs = resumed.chat(CHATS, sampling, "t/1")
     assert calls == [4, 4, 1]  # batches 2..4 generated; batch 1 came from the cache
     assert (resumed.last.hits, resumed.last.misses) == (4, 9)
@@ -123,7 +107,7 @@ def test_duplicate_requests_are_made_once(backend, tmp_path):
 
 def test_a_prompt_too_long_fails_before_any_work(tmp_path, monkeypatch):
     small = HFBackend(build_tiny_chat_model(tmp_path / "small", max_positions=64))
-    calls = kill_on_batch(monkeypatch, small, 0)
+    calls = kill_on_call(monkeypatch, small, 0)
     llm = make(small, tmp_path / "c.sqlite")
     from longctx.errors import LongctxError
 

@@ -23,7 +23,13 @@ def test_dvc_yaml_is_in_sync_with_the_snakemake_dag(root, exported):
 
 def test_every_stage_runs_its_own_longctx_step(exported):
     stages = yaml.safe_load(exported)["stages"]
-    assert list(stages) == ["base_model", "corpus", "embed", "index"]  # dependency order
+    order = list(stages)  # a dependency order
+    assert sorted(order) == sorted(["base_model", "corpus", "embed", "index", "instructions",
+                                    "retrieve", "summarize", "respond", "long_output"])
+    for first, then in [("base_model", "corpus"), ("corpus", "embed"), ("embed", "index"),
+                        ("index", "retrieve"), ("instructions", "retrieve"),
+                        ("retrieve", "summarize"), ("summarize", "respond")]:
+        assert order.index(first) < order.index(then)
     for name, stage in stages.items():
         assert stage["cmd"].startswith(f"longctx {name.replace('_', '-')} "), name
         assert any(dep.startswith("src/longctx/") for dep in stage["deps"]), name
@@ -31,6 +37,9 @@ def test_every_stage_runs_its_own_longctx_step(exported):
     assert stages["embed"]["params"] == ["embed"]
     assert "data/corpus/docs.parquet" in stages["embed"]["deps"]
     assert stages["corpus"]["metrics"] == ["data/corpus/stats.json"]
+    assert stages["summarize"]["params"] == ["llm", "seed", "summarize"]
+    assert "src/longctx/llm/hf.py" in stages["summarize"]["deps"]  # a package's modules
+    assert stages["respond"]["metrics"] == ["data/synth/responses.json"]
 
 
 def test_snakemake_refuses_config_overrides():

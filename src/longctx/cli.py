@@ -55,6 +55,68 @@ def cmd_index(args: argparse.Namespace) -> None:
              manifest["recall"], args.out)
 
 
+def cmd_instructions(args: argparse.Namespace) -> None:
+    from longctx.synth.instructions import generate_instructions
+    from longctx.synth.tables import open_llm
+
+    params = _params(args)
+    with open_llm(params.llm, args.model) as llm:
+        stats = generate_instructions(params.instructions, llm, params.seed, args.docs,
+                                      args.out, args.stats)
+    log.info("instructions: %d kept of %d candidates -> %s", stats["kept"],
+             stats["candidates"], args.out)
+
+
+def cmd_retrieve(args: argparse.Namespace) -> None:
+    from longctx.synth.retrieve import retrieve
+
+    stats = retrieve(_params(args).retrieve, args.instructions, args.index, args.embeddings,
+                     args.out, args.stats)
+    log.info("retrieve: %d instructions, %.1f documents each -> %s", stats["instructions"],
+             stats["documents_per_instruction"], args.out)
+
+
+def cmd_summarize(args: argparse.Namespace) -> None:
+    from longctx.synth.summarize import summarize
+    from longctx.synth.tables import open_llm
+
+    params = _params(args)
+    with open_llm(params.llm, args.model) as llm:
+        stats = summarize(params.summarize, llm, params.seed, args.instructions, args.retrieved,
+                          args.docs, args.out, args.stats)
+    log.info("summarize: %d summaries over %d levels -> %s", stats["summaries"],
+             stats["levels"], args.out)
+
+
+def cmd_respond(args: argparse.Namespace) -> None:
+    from longctx.synth.respond import respond
+    from longctx.synth.tables import open_llm
+
+    params = _params(args)
+    with open_llm(params.llm, args.model) as llm:
+        stats = respond(params.respond, llm, params.seed, args.instructions, args.summaries,
+                        args.out, args.stats)
+    log.info("respond: %d kept of %d -> %s", stats["kept"], stats["instructions"], args.out)
+
+
+def cmd_long_output(args: argparse.Namespace) -> None:
+    from longctx.synth.long_output import long_output
+    from longctx.synth.tables import open_llm
+
+    params = _params(args)
+    with open_llm(params.llm, args.model) as llm:
+        stats = long_output(params.long_output, llm, params.seed, args.docs, args.out,
+                            args.stats)
+    log.info("long_output: %d kept of %d candidates -> %s", stats["kept"], stats["candidates"],
+             args.out)
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from longctx.synth.show import show
+
+    print(show(args.instruction_id, args.synth, args.docs))
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     from longctx.retrieval.search import search_command
 
@@ -145,6 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("index", cmd_index, "rule index: build the FAISS index and check its recall")
     p.add_argument("--embeddings", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+
+    def synth_step(name: str, func, help: str, *inputs: str) -> argparse.ArgumentParser:
+        p = add(name, func, help)
+        for inp in inputs:
+            p.add_argument(f"--{inp}", type=Path, required=True)
+        p.add_argument("--out", type=Path, required=True, help="parquet table")
+        p.add_argument("--stats", type=Path, required=True, help="stats json")
+        return p
+
+    synth_step("instructions", cmd_instructions, "rule instructions: the LLM writes "
+               "multi-document instructions", "docs", "model")
+    synth_step("retrieve", cmd_retrieve, "rule retrieve: top-k documents per instruction",
+               "instructions", "index", "embeddings")
+    synth_step("summarize", cmd_summarize, "rule summarize: recursive query-focused summaries "
+               "of the retrieved documents", "instructions", "retrieved", "docs", "model")
+    synth_step("respond", cmd_respond, "rule respond: the LLM answers each instruction from "
+               "its summaries", "instructions", "summaries", "model")
+    synth_step("long-output", cmd_long_output, "rule long_output: back-translated writing "
+               "instructions for long documents", "docs", "model")
+
+    p = add("show", cmd_show, "print an instruction, its documents, summaries and response")
+    p.add_argument("instruction_id", help="an id from data/synth/instructions.parquet "
+                   "(a unique prefix is enough)")
+    p.add_argument("--synth", type=Path, default=Path("data/synth"))
+    p.add_argument("--docs", type=Path, default=Path("data/corpus/docs.parquet"))
 
     p = add("search", cmd_search, "print the top-k documents for a query")
     p.add_argument("query")

@@ -6,9 +6,8 @@ models (`longctx schema`), and every `longctx <step>` loads the file through `lo
 an unknown key or a bad value is rejected with the key's path and the reason before any work.
 
 Sections map one-to-one onto DAG rules (DESIGN.md section 2), and each rule reads only its own
-section, so Snakemake and DVC rerun exactly what a change touches. Sections of the synthesis,
-training and evaluation halves (`llm`, `instructions`, `retrieve`, `summarize`, `respond`,
-`long_output`, `pack`, `train`, `eval`) are added here with the rules that read them.
+section, so Snakemake and DVC rerun exactly what a change touches. Sections of the training and
+evaluation halves (`pack`, `train`, `eval`) are added here with the rules that read them.
 """
 
 from __future__ import annotations
@@ -200,6 +199,133 @@ class LLMConfig(Section):
     trust_remote_code: bool = Field(default=False, description="allow model code from the hub")
 
 
+def _ordered(section: Section, low: str, high: str) -> Section:
+    """A range given as two keys must not be empty."""
+    if getattr(section, low) > getattr(section, high):
+        raise ValueError(f"{low} ({getattr(section, low)}) exceeds {high} "
+                         f"({getattr(section, high)})")
+    return section
+
+
+class Decoding(Section):
+    """How a synthesis step decodes (a step overrides the defaults that suit it)."""
+
+    max_new_tokens: PositiveInt = Field(default=256, description="tokens generated per call")
+    temperature: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="0: greedy; > 0: sampled with a seed derived from `seed`"
+    )
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(default=1.0, description="nucleus mass")
+
+    def sampling(self, seed: int = 0):
+        from longctx.llm.base import Sampling
+
+        return Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                        top_p=self.top_p, seed=seed)
+
+
+DEFAULT_TASK_TYPES = [
+    "multi-document summary",
+    "comparison",
+    "multi-hop question",
+    "timeline",
+    "analysis",
+]
+
+
+class InstructionsConfig(Decoding):
+    count: PositiveInt = Field(default=64, description="instructions to keep")
+    per_prompt: PositiveInt = Field(
+        default=4, description="instructions asked for in one generation prompt"
+    )
+    task_types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TASK_TYPES), min_length=1,
+        description="kinds of multi-document task the prompts ask for, drawn per prompt",
+    )
+    seed_chunk_tokens: PositiveInt = Field(
+        default=256, description="tokens of the random corpus chunk in front of every prompt"
+    )
+    min_words: PositiveInt = Field(default=6, description="drop shorter instructions")
+    max_words: PositiveInt = Field(default=80, description="drop longer instructions")
+    dedup_model: str = Field(
+        default=BUNDLED, description="sentence-transformers model for near-duplicate removal"
+    )
+    dedup_similarity: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.9, description="drop an instruction whose cosine similarity to a kept one "
+        "is at least this"
+    )
+    max_rounds: PositiveInt = Field(
+        default=4, description="generation rounds before giving up on reaching `count`"
+    )
+    max_new_tokens: PositiveInt = Field(default=256, description="tokens generated per call")
+    temperature: Annotated[float, Field(ge=0)] = Field(default=0.8, description="sampling")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(default=0.95, description="nucleus mass")
+
+    _word_range = model_validator(mode="after")(lambda self: _ordered(self, "min_words",
+                                                                      "max_words"))
+
+
+class RetrieveConfig(Section):
+    top_k: PositiveInt = Field(default=8, description="documents retrieved per instruction")
+    min_score: float | None = Field(
+        default=None, description="drop hits scoring below this (inner product of normalised "
+        "embeddings)"
+    )
+    batch_size: PositiveInt = Field(default=256, description="queries embedded per batch")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        default="auto", description="where the query embedder runs"
+    )
+
+
+class SummarizeConfig(Decoding):
+    chunk_tokens: PositiveInt = Field(
+        default=4096, description="document chunk size in generator tokens (paper: 4K)"
+    )
+    budget_tokens: PositiveInt = Field(
+        default=4096, description="summaries are summarised again until all of an "
+        "instruction's fit in this many tokens (the respond prompt's room for them)"
+    )
+    max_chunks_per_document: PositiveInt | None = Field(
+        default=None, description="summarise only a document's first N chunks (None: all, as "
+        "the paper); a compute knob for small machines"
+    )
+    max_levels: PositiveInt = Field(
+        default=4, description="recursion depth limit; beyond it the lowest-ranked summaries "
+        "are left out until the budget fits"
+    )
+    max_repeated_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.3, description="drop a summary when this fraction of its word 4-grams are "
+        "repeats (a looping model)"
+    )
+    max_new_tokens: PositiveInt = Field(default=384, description="tokens per summary")
+
+
+class RespondConfig(Decoding):
+    max_new_tokens: PositiveInt = Field(default=1024, description="tokens per response")
+    min_words: PositiveInt = Field(default=5, description="drop shorter responses")
+    max_repeated_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.3, description="drop a response when this fraction of its word 4-grams are "
+        "repeats"
+    )
+    keep_truncated: bool = Field(
+        default=False, description="keep responses cut off by max_new_tokens"
+    )
+
+
+class LongOutputConfig(Decoding):
+    count: PositiveInt = Field(default=64, description="long-output samples to write (at most)")
+    min_tokens: PositiveInt = Field(default=2048, description="shortest target document")
+    max_tokens: PositiveInt = Field(default=32768, description="longest target document")
+    excerpt_tokens: PositiveInt = Field(
+        default=2048, description="tokens of the target shown to the LLM (its start and end)"
+    )
+    max_new_tokens: PositiveInt = Field(default=256, description="tokens per instruction")
+    temperature: Annotated[float, Field(ge=0)] = Field(default=0.7, description="sampling")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(default=0.95, description="nucleus mass")
+
+    _token_range = model_validator(mode="after")(lambda self: _ordered(self, "min_tokens",
+                                                                       "max_tokens"))
+
+
 class Params(Section):
     seed: int = Field(default=1234, description="global seed: sampling, training, index build")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -207,6 +333,11 @@ class Params(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    instructions: InstructionsConfig = Field(default_factory=InstructionsConfig)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+    summarize: SummarizeConfig = Field(default_factory=SummarizeConfig)
+    respond: RespondConfig = Field(default_factory=RespondConfig)
+    long_output: LongOutputConfig = Field(default_factory=LongOutputConfig)
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from longctx import assets, repro
 from longctx.config import CorpusConfig, CorpusSource
-from longctx.errors import LongctxError
+from longctx.errors import LongctxError, one_line
+from longctx.tokens import token_counter
 
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.large_string()), ("title", pa.string()),
                     ("source", pa.string()), ("source_id", pa.string()), ("n_tokens", pa.int32())])
@@ -51,10 +52,6 @@ class Record(NamedTuple):
 
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # --- normalisation ------------------------------------------------------------------------
@@ -144,7 +141,7 @@ def _read_wikipedia(path: Path) -> Iterator[Record]:
                 else:
                     yield Record(clean_wiki(text), title, page_id)
     except (OSError, EOFError, ParseError, ValueError) as exc:
-        raise LongctxError(f"{path}: not a readable MediaWiki dump ({_one_line(exc)})") from None
+        raise LongctxError(f"{path}: not a readable MediaWiki dump ({one_line(exc)})") from None
 
 
 def _read_lines(path: Path) -> Iterator[Record]:
@@ -180,7 +177,7 @@ def _read_jsonl(path: Path, src: CorpusSource) -> Iterator[Record]:
                 source_id = obj.get(src.id_field) if src.id_field else None
                 yield Record(text, _opt_str(title), _opt_str(source_id))
     except (OSError, EOFError) as exc:
-        raise LongctxError(f"{path}: cannot read ({_one_line(exc)})") from None
+        raise LongctxError(f"{path}: cannot read ({one_line(exc)})") from None
 
 
 def _parquet_columns(path: Path, src: CorpusSource, key: str) -> dict[str, str]:
@@ -188,7 +185,7 @@ def _parquet_columns(path: Path, src: CorpusSource, key: str) -> dict[str, str]:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
-        raise LongctxError(f"{path}: not a readable parquet file ({_one_line(exc)})") from None
+        raise LongctxError(f"{path}: not a readable parquet file ({one_line(exc)})") from None
     names = schema.names
     if src.text_field not in names:
         raise LongctxError(
@@ -223,7 +220,7 @@ def _read_parquet(path: Path, columns: dict[str, str], batch_size: int) -> Itera
                 )
             )
     except (pa.ArrowException, OSError) as exc:
-        raise LongctxError(f"{path}: unreadable parquet data ({_one_line(exc)})") from None
+        raise LongctxError(f"{path}: unreadable parquet data ({one_line(exc)})") from None
 
 
 def _resolve(patterns: list[str], key: str) -> list[Path]:
@@ -277,31 +274,6 @@ def _batches(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
     it = iter(items)
     while batch := list(itertools.islice(it, size)):
         yield batch
-
-
-# --- token counting ---------------------------------------------------------------------------
-
-
-def token_counter(tokenizer_dir: Path) -> Callable[[list[str]], list[int]]:
-    """Batched token counts without special tokens. The fast backend is called directly, with
-    the truncation/padding its tokenizer.json may carry switched off (they would cap counts)."""
-    from transformers import AutoTokenizer  # slow import, only when a corpus is built
-
-    if not Path(tokenizer_dir).is_dir():  # a missing path would be taken for a hub id
-        raise LongctxError(f"{tokenizer_dir}: tokenizer directory not found")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except (OSError, ValueError) as exc:
-        raise LongctxError(f"{tokenizer_dir}: cannot load a tokenizer ({_one_line(exc)})") from None
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        return lambda texts: [
-            len(ids) for ids in tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        ]
-    backend.no_truncation()
-    backend.no_padding()
-    encode = partial(backend.encode_batch_fast, add_special_tokens=False)
-    return lambda texts: [len(enc) for enc in encode(texts)]
 
 
 # --- the build --------------------------------------------------------------------------------

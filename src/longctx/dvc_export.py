@@ -30,7 +30,8 @@ def _stage_name(job: Any) -> str:
 
 def _stage(job: Any) -> dict[str, Any]:
     names = {str(path): name for name, path in job.output.items()}
-    stage: dict[str, Any] = {"cmd": job.shellcmd.strip(), "deps": sorted({str(path) for path in job.input})}
+    stage: dict[str, Any] = {"cmd": job.shellcmd.strip(),
+                             "deps": sorted({str(path) for path in job.input})}
     if dict(job.params):
         stage["params"] = sorted(dict(job.params))
     for path in map(str, job.output):
@@ -70,7 +71,10 @@ def snakemake_jobs(snakefile: Path, params_file: Path) -> list[Any]:
             forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True
         )
         workflow._build_dag()
-        ordered = [job for level in workflow.dag.toposorted() for job in level]
+        # within a level, jobs in the order their rules are written (a set has no order)
+        rank = {rule.name: i for i, rule in enumerate(workflow.rules)}
+        ordered = [job for level in workflow.dag.toposorted()
+                   for job in sorted(level, key=lambda j: (rank[j.rule.name], _stage_name(j)))]
     return [job for job in ordered if job.is_shell]
 
 

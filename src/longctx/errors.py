@@ -7,3 +7,8 @@ class LongctxError(Exception):
 
 class ConfigError(LongctxError):
     """A params file or value is invalid."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

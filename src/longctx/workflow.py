@@ -16,8 +16,14 @@ def sections(config: dict[str, Any], *names: str) -> dict[str, Any]:
 
 
 def code(*modules: str) -> list[str]:
-    """A rule's source modules as inputs: editing one reruns the rule (and its DVC stage)."""
-    return [f"{SOURCE_ROOT}/{module}" for module in modules]
+    """A rule's source modules as inputs: editing one reruns the rule (and its DVC stage).
+    A package name stands for its modules (a directory's mtime misses edits inside it)."""
+    paths = []
+    for module in modules:
+        path = Path(SOURCE_ROOT) / module
+        found = sorted(path.glob("*.py")) if path.is_dir() else [path]
+        paths += [p.as_posix() for p in found]
+    return paths
 
 
 def check_config(config: dict[str, Any], params_file: str | Path) -> None:

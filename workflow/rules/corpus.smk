@@ -12,7 +12,7 @@ rule base_model:
 rule corpus:
     input:
         tokenizer=rules.base_model.output.model,
-        code=code("corpus.py", "assets.py"),
+        code=code("corpus.py", "tokens.py", "assets.py"),
     output:
         docs="data/corpus/docs.parquet",
         metrics="data/corpus/stats.json",

@@ -57,7 +57,7 @@ def _base_tokenizer_counter(base_model_dir: Path):
     def count(texts: list[str]) -> list[int]:
         nonlocal counter
         if counter is None:
-            from longctx.corpus import token_counter  # the corpus step counts the same way
+            from longctx.tokens import token_counter  # the corpus step counts the same way
 
             counter = token_counter(base_model_dir)
         return counter(texts)

@@ -1,0 +1,74 @@
+"""Rule `retrieve`: the top-k documents for every instruction.
+
+Each instruction is embedded as a query by the same model, query prefix and token limit as
+the documents (the `Retriever` reads them from the embeddings manifest), all queries in large
+batches, and the FAISS index returns the best documents. Hits below `min_score` are dropped,
+and an instruction left without any is kept with an empty list (counted), so the tables stay
+aligned with instructions.parquet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from longctx import repro
+from longctx.config import RetrieveConfig
+from longctx.retrieval.search import Retriever
+from longctx.synth.tables import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([
+    ("instruction_id", pa.string()),
+    ("doc_ids", pa.list_(pa.string())),
+    ("scores", pa.list_(pa.float32())),
+])
+
+
+def retrieve(cfg: RetrieveConfig, instructions_path: str | Path, index_dir: str | Path,
+             embeddings_dir: str | Path, out_path: str | Path, stats_path: str | Path) -> dict:
+    """Write retrieved.parquet (one row per instruction, best hit first) and its stats."""
+    instructions = read_table(instructions_path, ["id", "instruction"])
+    retriever = Retriever(index_dir, embeddings_dir, device=cfg.device, batch_size=cfg.batch_size)
+    t0 = time.perf_counter()
+    hits = retriever.search([row["instruction"] for row in instructions], cfg.top_k)
+    seconds = time.perf_counter() - t0
+    log.info("retrieve: %d queries in %.1fs (%.1f queries/s)", len(instructions), seconds,
+             len(instructions) / max(seconds, 1e-9))
+
+    rows, below = [], 0
+    for row, found in zip(instructions, hits):
+        kept = [h for h in found if cfg.min_score is None or h.score >= cfg.min_score]
+        below += len(found) - len(kept)
+        rows.append({"instruction_id": row["id"], "doc_ids": [h.doc_id for h in kept],
+                     "scores": [h.score for h in kept]})
+    write_table(out_path, rows, SCHEMA)
+
+    counts = np.array([len(r["doc_ids"]) for r in rows])
+    scores = np.array([s for r in rows for s in r["scores"]], dtype=np.float32)
+    stats = {
+        "instructions": len(rows),
+        "top_k": cfg.top_k,
+        "min_score": cfg.min_score,
+        "hits": int(counts.sum()),
+        "dropped_below_min_score": below,
+        "instructions_without_documents": int((counts == 0).sum()),
+        "documents_per_instruction": round(float(counts.mean()), 3) if len(rows) else 0.0,
+        "distinct_documents": len({d for r in rows for d in r["doc_ids"]}),
+        "score": _summary(scores),
+        "top1_score": _summary(np.array([r["scores"][0] for r in rows if r["scores"]])),
+    }
+    repro.write_json(stats_path, stats)
+    return stats
+
+
+def _summary(values: np.ndarray) -> dict[str, float] | None:
+    if values.size == 0:
+        return None
+    return {"min": round(float(values.min()), 4), "mean": round(float(values.mean()), 4),
+            "max": round(float(values.max()), 4)}

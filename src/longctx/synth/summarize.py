@@ -1,0 +1,290 @@
+"""Rule `summarize`: recursive query-focused summaries of every instruction's documents.
+
+The core of "Bootstrap Your Own Context Length": a short-context model cannot read the
+retrieved documents whole, so each document is cut into chunks that fit it, every chunk is
+summarised with respect to the instruction (irrelevant chunks answer NOTHING RELEVANT and are
+dropped), and while an instruction's summaries are longer than `budget_tokens` consecutive
+ones are merged into summaries of summaries, one level at a time. Every summary of every level
+is a row (kept or why not), so a sample can be traced from its response down to the chunks.
+
+All chats of one level, over all instructions, go to the LLM in one call: batches fill up, and
+a killed run resumes from the call cache with the same batches, hence the same output.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from longctx import repro
+from longctx.config import SummarizeConfig
+from longctx.errors import LongctxError
+from longctx.llm import LLM, Chat, Completion
+from longctx.llm.base import derive_seed
+from longctx.synth.prompts import NOTHING_RELEVANT, VERSIONS, merge_prompt, qfs_prompt
+from longctx.synth.quality import is_repetitive
+from longctx.synth.tables import count_reasons, read_documents, read_table, write_table
+from longctx.tokens import split_chunks
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([
+    ("instruction_id", pa.string()), ("level", pa.int32()), ("position", pa.int32()),
+    ("doc_id", pa.string()), ("chunk", pa.int32()), ("children", pa.list_(pa.int32())),
+    ("summary", pa.large_string()), ("n_tokens", pa.int32()), ("finish_reason", pa.string()),
+    ("kept", pa.bool_()), ("reason", pa.string()), ("final", pa.bool_()),
+])
+REASONS = ("empty", "nothing_relevant", "repetitive", "over_budget")
+TEMPLATE_MARGIN = 32  # chat-template tokens around the user message, and seams at the chunk
+NOTE_MARKER = "[100] \n\n"  # what merge_prompt adds around each note: charged when packing
+_NOTHING = re.compile(r"^[\W_]*" + r"\s+".join(map(re.escape, NOTHING_RELEVANT.split())) + r"\b",
+                      re.IGNORECASE)
+
+# ... and small models say it in their own words instead of the marker
+_NO_INFORMATION = re.compile(
+    r"\b(?:does|do|did) not (?:contain|provide|include|mention|have) (?:any )?(?:the )?"
+    r"(?:relevant |specific |requested )?(?:information|details|facts)"
+    r"|\bno (?:relevant |useful |specific )?information\b"
+    r"|\bis not relevant to the (?:instruction|question|request)", re.IGNORECASE)
+
+
+@dataclass
+class Summary:
+    """One row of summaries.parquet."""
+
+    instruction_id: str
+    level: int
+    position: int
+    summary: str
+    n_tokens: int
+    finish_reason: str
+    doc_id: str | None = None
+    chunk: int | None = None
+    children: list[int] = field(default_factory=list)
+    kept: bool = True
+    reason: str | None = None
+    final: bool = False
+
+
+def _read_inputs(instructions_path: Path, retrieved_path: Path) -> tuple[dict, dict]:
+    """{id: instruction} in table order and {id: doc_ids best first}; unknown ids are errors."""
+    rows = read_table(instructions_path, ["id", "instruction"])
+    texts = {r["id"]: r["instruction"] for r in rows}
+    ranked: dict[str, list[str]] = {}
+    for row in read_table(retrieved_path, ["instruction_id", "doc_ids"]):
+        iid = row["instruction_id"]
+        if iid not in texts:
+            raise LongctxError(f"{retrieved_path}: instruction_id {iid!r} is not in "
+                               f"{instructions_path} (rerun retrieve)")
+        if iid in ranked:
+            raise LongctxError(f"{retrieved_path}: instruction_id {iid!r} appears twice")
+        ranked[iid] = list(row["doc_ids"] or [])
+    return texts, {iid: ranked[iid] for iid in texts if iid in ranked}
+
+
+def _check_window(cfg: SummarizeConfig, llm: LLM, instructions: list[str]) -> None:
+    """Fail before any call when the longest prompt a chunk or a merge group can make would
+    not fit the window; LLM.chat would find out only at that level, after paid-for work."""
+    if llm.context_tokens is None or not instructions:
+        return
+    empty = [qfs_prompt(i, "")[0]["content"] for i in instructions]
+    empty += [merge_prompt(i, [])[0]["content"] for i in instructions]
+    around = max(llm.count_tokens(empty)) + TEMPLATE_MARGIN
+    need = cfg.chunk_tokens + around + cfg.max_new_tokens
+    if need > llm.context_tokens:
+        raise LongctxError(
+            f"summarize.chunk_tokens: {cfg.chunk_tokens} chunk tokens + {around} prompt tokens + "
+            f"max_new_tokens {cfg.max_new_tokens} = {need} exceed the model's "
+            f"{llm.context_tokens}-token window (set chunk_tokens to at most "
+            f"{llm.context_tokens - around - cfg.max_new_tokens})")
+
+
+def _chunk_documents(cfg: SummarizeConfig, llm: LLM, docs: dict[str, dict],
+                     ids: list[str]) -> tuple[dict[str, list[str]], int]:
+    """Each document's chunks (first `max_chunks_per_document`), and how many were left out."""
+    chunks, left_out = {}, 0
+    for doc_id in ids:
+        parts = split_chunks(docs[doc_id]["text"], cfg.chunk_tokens, llm.count_tokens)
+        cap = cfg.max_chunks_per_document or len(parts)
+        chunks[doc_id] = parts[:cap]
+        left_out += len(parts) - len(chunks[doc_id])
+    return chunks, left_out
+
+
+def classify(text: str, max_repeated_fraction: float) -> str | None:
+    """Why an answer is no summary (None: it is one). Small models decorate the marker, and
+    loop under greedy decoding."""
+    if not text.strip():
+        return "empty"
+    if _NOTHING.match(text.strip()) or _NO_INFORMATION.search(text):
+        return "nothing_relevant"
+    return "repetitive" if is_repetitive(text, max_repeated_fraction) else None
+
+
+def _complete(cfg: SummarizeConfig, llm: LLM, seed: int, level: int,
+              chats: list[Chat]) -> list[tuple[Completion, str, int, str | None]]:
+    """(completion, stripped text, its tokens, drop reason) per chat: ONE call per level."""
+    name = "qfs" if level == 0 else "merge"
+    desc = "qfs level 0" if level == 0 else f"merge level {level}"
+    outs = llm.chat(chats, cfg.sampling(derive_seed(seed, "summarize", level)), VERSIONS[name],
+                    desc=desc)
+    texts = [o.text.strip() for o in outs]
+    sizes = llm.count_tokens(texts) if texts else []
+    return [(o, t, n, classify(t, cfg.max_repeated_fraction))
+            for o, t, n in zip(outs, texts, sizes)]
+
+
+def _pack(rows: list[Summary], limit: int, marker: int) -> list[list[Summary]]:
+    """Consecutive summaries, greedily grouped so that a group's notes fit `limit` tokens
+    (so a merge prompt is no longer than a chunk's)."""
+    groups: list[list[Summary]] = []
+    total = 0
+    for row in rows:
+        cost = row.n_tokens + marker
+        if not groups or total + cost > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(row)
+        total += cost
+    return groups
+
+
+def _cut(rows: list[Summary], budget: int) -> None:
+    """Recursion gave up: the best-ranked summaries are kept while they fit the budget."""
+    total = 0
+    for i, row in enumerate(rows):
+        total += row.n_tokens
+        if total > budget:
+            for late in rows[i:]:
+                late.kept, late.reason = False, "over_budget"
+            return
+
+
+Levels = dict[str, list[list[Summary]]]  # instruction id -> rows by level
+
+
+def _level0(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
+            ranked: dict[str, list[str]], chunks: dict[str, list[str]]) -> Levels:
+    """Every (instruction, document in rank order, chunk) summarised: level 0 of each."""
+    keys = [(iid, d, c) for iid, ids in ranked.items() for d in ids
+            for c in range(len(chunks[d]))]
+    answers = _complete(cfg, llm, seed, 0,
+                        [qfs_prompt(texts[i], chunks[d][c]) for i, d, c in keys])
+    levels: Levels = {iid: [[]] for iid in ranked}
+    for (iid, doc_id, c), (out, text, n, reason) in zip(keys, answers):
+        rows = levels[iid][0]
+        rows.append(Summary(iid, 0, len(rows), text, n, out.finish_reason, doc_id, c,
+                            kept=reason is None, reason=reason))
+    return levels
+
+
+def _recurse(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
+             levels: Levels) -> list[int]:
+    """Merge levels until every instruction fits its budget (or is cut); returns the number
+    of chats per level >= 1. Marks the final summaries."""
+    marker = llm.count_tokens([NOTE_MARKER])[0]
+    active, calls = list(levels), []
+    while active:
+        plans: dict[str, list[list[Summary]]] = {}
+        for iid in active:
+            level = len(levels[iid]) - 1
+            current = [r for r in levels[iid][level] if r.kept]
+            if sum(r.n_tokens for r in current) > cfg.budget_tokens:
+                groups = _pack(current, cfg.chunk_tokens, marker)
+                if level < cfg.max_levels and any(len(g) > 1 for g in groups):
+                    plans[iid] = groups
+                    continue
+                _cut(current, cfg.budget_tokens)
+            for row in current:
+                row.final = row.kept
+        if not plans:
+            break
+        level = len(calls) + 1
+        merges = [g for groups in plans.values() for g in groups if len(g) > 1]
+        calls.append(len(merges))
+        answers = iter(_complete(cfg, llm, seed, level, [
+            merge_prompt(texts[g[0].instruction_id], [r.summary for r in g]) for g in merges]))
+        for iid, groups in plans.items():
+            levels[iid].append([_merged(iid, level, pos, g, answers)
+                                for pos, g in enumerate(groups)])
+        active = list(plans)
+    return calls
+
+
+def _merged(iid: str, level: int, position: int, group: list[Summary],
+            answers: Iterator[tuple[Completion, str, int, str | None]]) -> Summary:
+    """The next level's row for one group: its merge answer, or a lone member carried up."""
+    children = [r.position for r in group]
+    if len(group) == 1:
+        return Summary(iid, level, position, group[0].summary, group[0].n_tokens, "carried",
+                       children=children)
+    out, text, n, reason = next(answers)
+    return Summary(iid, level, position, text, n, out.finish_reason, children=children,
+                   kept=reason is None, reason=reason)
+
+
+def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, instructions_path: str | Path,
+              retrieved_path: str | Path, docs_path: str | Path, out_path: str | Path,
+              stats_path: str | Path) -> dict:
+    """Write summaries.parquet (every summary of every level) and its stats; returns stats."""
+    texts, ranked = _read_inputs(Path(instructions_path), Path(retrieved_path))
+    doc_ids = list(dict.fromkeys(d for ids in ranked.values() for d in ids))
+    docs = read_documents(docs_path, doc_ids)
+    _check_window(cfg, llm, [texts[iid] for iid in ranked])
+    chunks, left_out = _chunk_documents(cfg, llm, docs, doc_ids)
+
+    levels = _level0(cfg, llm, seed, texts, ranked, chunks)
+    calls = [sum(len(levels[iid][0]) for iid in levels)] + _recurse(cfg, llm, seed, texts, levels)
+    rows = [row for iid in texts for level in levels.get(iid, []) for row in level]
+    write_table(out_path, [asdict(r) for r in rows], SCHEMA)
+    stats = _stats(cfg, llm, rows, calls, len(texts), len(doc_ids),
+                   sum(map(len, chunks.values())), left_out)
+    repro.write_json(stats_path, stats)
+    log.info("summarize: %d summaries over %d levels, %d final; %d instructions without any",
+             stats["summaries"], stats["levels"], stats["final_summaries"],
+             stats["instructions_without_summaries"])
+    return stats
+
+
+def _stats(cfg: SummarizeConfig, llm: LLM, rows: list[Summary], calls: list[int],
+           instructions: int, documents: int, chunks: int, left_out: int) -> dict:
+    """Counts of everything made and dropped, by level and reason; no timings, no cache hits
+    (a rerun on a warm cache writes the same bytes)."""
+    final = [r.n_tokens for r in rows if r.final]
+    levels = max((r.level for r in rows), default=-1) + 1
+    per_level = []
+    for level in range(levels):
+        at = [r for r in rows if r.level == level]
+        per_level.append({
+            "level": level, "calls": calls[level], "summaries": len(at),
+            "kept": sum(r.kept for r in at), "dropped": count_reasons([r.reason for r in at],
+                                                                     REASONS),
+            "carried": sum(r.finish_reason == "carried" for r in at),
+            "truncated": sum(r.finish_reason == "length" for r in at),
+        })
+    lost = [r for r in rows if r.level > 0 and r.reason not in (None, "over_budget")]
+    return {
+        "instructions": instructions, "documents": documents, "chunks": chunks,
+        "chunks_left_out": left_out, "summaries": len(rows), "levels": levels,
+        "per_level": per_level, "dropped": count_reasons([r.reason for r in rows], REASONS),
+        "truncated": sum(r.finish_reason == "length" for r in rows),
+        "carried": sum(r.finish_reason == "carried" for r in rows),
+        "over_budget": sum(r.reason == "over_budget" for r in rows),
+        "failed_merges": len(lost), "lost_in_failed_merges": sum(len(r.children) for r in lost),
+        "final_summaries": len(final),
+        "final_tokens": {"mean": round(sum(final) / len(final), 2) if final else 0.0,
+                         "max": max(final, default=0)},
+        "instructions_without_summaries": instructions - len({r.instruction_id for r in rows
+                                                               if r.final}),
+        "chunk_tokens": cfg.chunk_tokens, "budget_tokens": cfg.budget_tokens,
+        "max_levels": cfg.max_levels,
+        "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                     "top_p": cfg.top_p},
+        "templates": {"qfs": VERSIONS["qfs"], "merge": VERSIONS["merge"]},
+        "model": repro.fingerprint(llm.identity),
+    }

@@ -1,0 +1,95 @@
+"""Reading and writing the synthesis tables, and what every LLM step shares.
+
+Tables are parquet files written atomically with a fixed schema, so equal rows give equal
+bytes (DVC and the reproducibility test compare hashes). Reading checks the columns a step
+needs and names the file when something is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from longctx import repro
+from longctx.config import LLMConfig
+from longctx.errors import LongctxError, one_line
+from longctx.llm import LLM, make_llm
+
+log = logging.getLogger(__name__)
+
+
+def write_table(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """Rows (dicts keyed by the schema's names) -> parquet, atomically, byte-reproducibly."""
+    columns = {name: [row[name] for row in rows] for name in schema.names}
+    table = pa.Table.from_pydict(columns, schema=schema)
+    with repro.atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_table(path: str | Path, columns: list[str]) -> list[dict[str, Any]]:
+    """The named columns of a parquet table as row dicts; a clear error when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise LongctxError(f"{path}: file not found (run the step that writes it)")
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise LongctxError(f"{path}: not a readable parquet file ({one_line(exc)})") from None
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise LongctxError(f"{path}: missing column(s) {', '.join(missing)}")
+    return pq.read_table(path, columns=columns).to_pylist()
+
+
+def read_documents(docs_path: str | Path, ids: list[str] | None = None) -> dict[str, dict]:
+    """Documents by id ({"title", "text", "n_tokens"}); only `ids` when given."""
+    import polars as pl
+
+    docs_path = Path(docs_path)
+    read_table_columns = ["id", "title", "text", "n_tokens"]
+    if not docs_path.is_file():
+        raise LongctxError(f"{docs_path}: documents file not found")
+    frame = pl.scan_parquet(docs_path).select(read_table_columns)
+    if ids is not None:
+        frame = frame.filter(pl.col("id").is_in(list(dict.fromkeys(ids))))
+    try:
+        rows = frame.collect().to_dicts()
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise LongctxError(f"{docs_path}: cannot read documents ({one_line(exc)})") from None
+    found = {row.pop("id"): row for row in rows}
+    if ids is not None:
+        missing = [i for i in dict.fromkeys(ids) if i not in found]
+        if missing:
+            raise LongctxError(f"{docs_path}: no document with id {missing[0]!r} "
+                               f"({len(missing)} missing); rerun the steps after corpus")
+    return found
+
+
+@contextmanager
+def open_llm(cfg: LLMConfig, base_model_dir: str | Path) -> Iterator[LLM]:
+    """The configured generator behind the call cache; logs the step's call totals."""
+    llm = make_llm(cfg, Path(base_model_dir))
+    try:
+        yield llm
+    finally:
+        t = llm.total
+        log.info("llm total: %d calls, %d cached, %d generated, %d output tokens in %.1fs "
+                 "(%.2f prompts/s, %.1f tokens/s)", t.calls, t.hits, t.misses,
+                 t.completion_tokens, t.seconds, t.misses / max(t.seconds, 1e-9),
+                 t.completion_tokens / max(t.seconds, 1e-9))
+        llm.close()
+
+
+def count_reasons(reasons: list[str | None], known: tuple[str, ...]) -> dict[str, int]:
+    """{reason: n} over every known reason (zeros included, so stats files compare)."""
+    counts = dict.fromkeys(known, 0)
+    for reason in reasons:
+        if reason is not None:
+            counts[reason] += 1
+    return counts
