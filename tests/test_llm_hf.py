@@ -31,6 +31,46 @@ def test_batched_greedy_equals_one_by_one(backend):
     assert len({c.text for c in batched}) > 1  # outputs depend on the prompt
 
 
+def test_unpadded_prefill_gives_what_a_padded_batch_gives(backend, monkeypatch):
+    """On CPU a mixed-length batch is prefilled prompt by prompt; the plain padded batch
+    (what a GPU runs) must produce the same tokens, greedy and sampled."""
+    chats = [user(p) for p in PROMPTS]
+    calls = []
+    real = backend._prefill_unpadded
+    monkeypatch.setattr(backend, "_prefill_unpadded", lambda ids: calls.append(1) or real(ids))
+    assert backend.unpadded_prefill  # the default on CPU
+    for sampling in (Sampling(max_new_tokens=10),
+                     Sampling(max_new_tokens=10, temperature=1.0, seed=3)):
+        backend.unpadded_prefill = True
+        unpadded = backend.generate(chats, sampling)
+        backend.unpadded_prefill = False
+        padded = backend.generate(chats, sampling)
+        assert unpadded == padded
+    backend.unpadded_prefill = True
+    assert len(calls) == 2  # once per unpadded generate, never on the padded path
+
+
+def test_unpadded_prefill_cache_equals_the_padded_batch_cache(backend):
+    """Each row of the joined cache holds, right-aligned, exactly the keys and values a
+    left-padded batch forward computes for that prompt (RoPE positions included)."""
+    import torch
+
+    ids = backend._encode([backend.render(user(p)) for p in PROMPTS])
+    cache = backend._prefill_unpadded(ids)
+    batch = backend.tokenizer.pad({"input_ids": [x[:-1] for x in ids]}, padding=True,
+                                  return_tensors="pt")
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        ref = backend.model(**batch, position_ids=positions, use_cache=True).cache
+    for mine, theirs in zip(cache.layers, ref.layers, strict=True):
+        assert mine.keys.shape == theirs.keys.shape
+        for row, x in enumerate(ids):
+            n = len(x) - 1
+            for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                torch.testing.assert_close(a[row, :, a.shape[2] - n:], b[row, :, b.shape[2] - n:])
+                assert not a[row, :, :a.shape[2] - n].any()  # padding: zeros, masked out
+
+
 def test_render_is_the_chat_template_with_generation_prompt(backend):
     text = backend.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n" \

@@ -318,6 +318,10 @@ class LongOutputConfig(Decoding):
     excerpt_tokens: PositiveInt = Field(
         default=2048, description="tokens of the target shown to the LLM (its start and end)"
     )
+    max_repeated_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.3, description="drop an instruction when this fraction of its word 4-grams "
+        "are repeats (a looping model)"
+    )
     max_new_tokens: PositiveInt = Field(default=256, description="tokens per instruction")
     temperature: Annotated[float, Field(ge=0)] = Field(default=0.7, description="sampling")
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(default=0.95, description="nucleus mass")

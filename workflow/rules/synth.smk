@@ -21,7 +21,7 @@ rule retrieve:
         instructions=rules.instructions.output.instructions,
         index=rules.index.output.index,
         embeddings=rules.embed.output.embeddings,
-        code=code("synth/retrieve.py", "retrieval/search.py"),
+        code=code("synth/retrieve.py", "synth/tables.py", "retrieval/search.py"),
     output:
         retrieved="data/synth/retrieved.parquet",
         metrics="data/synth/retrieved.json",
@@ -38,7 +38,8 @@ rule summarize:
         retrieved=rules.retrieve.output.retrieved,
         docs=rules.corpus.output.docs,
         model=rules.base_model.output.model,
-        code=code("synth/summarize.py", "synth/prompts.py", "synth/tables.py", "tokens.py", "llm"),
+        code=code("synth/summarize.py", "synth/prompts.py", "synth/quality.py", "synth/tables.py",
+                  "tokens.py", "llm"),
     output:
         summaries="data/synth/summaries.parquet",
         metrics="data/synth/summaries.json",
@@ -56,7 +57,8 @@ rule respond:
         instructions=rules.instructions.output.instructions,
         summaries=rules.summarize.output.summaries,
         model=rules.base_model.output.model,
-        code=code("synth/respond.py", "synth/prompts.py", "synth/tables.py", "llm"),
+        code=code("synth/respond.py", "synth/prompts.py", "synth/quality.py", "synth/tables.py",
+                  "llm"),
     output:
         responses="data/synth/responses.parquet",
         metrics="data/synth/responses.json",
@@ -72,8 +74,8 @@ rule long_output:
     input:
         docs=rules.corpus.output.docs,
         model=rules.base_model.output.model,
-        code=code("synth/long_output.py", "synth/prompts.py", "synth/tables.py", "tokens.py",
-                  "llm"),
+        code=code("synth/long_output.py", "synth/prompts.py", "synth/quality.py",
+                  "synth/tables.py", "tokens.py", "llm"),
     output:
         long_output="data/synth/long_output.parquet",
         metrics="data/synth/long_output.json",

@@ -1,7 +1,9 @@
 """The transformers backend: real batched `generate` in this process (the default).
 
 Batches are left-padded (a decoder continues from the last column), and `LLM` hands over
-batches of similar length, so little compute goes to padding. The model's own
+batches of similar length. On CPU, where compute grows with every token including padding,
+the prompts are also prefilled one at a time without padding and their KV caches joined into
+the batch's cache, so only decoding runs batched. The model's own
 generation_config is reduced to its special tokens: decoding is exactly what `Sampling` says
 (no hidden repetition penalty or top-k from a checkpoint), the same as on an OpenAI server.
 """
@@ -112,6 +114,8 @@ class HFBackend:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise LongctxError(f"llm.model {str(model)!r}: cannot load: {first}") from None
         self.model.to(self.device).eval()
+        # CPU compute grows with every token, padding included; a GPU prefers one big batch
+        self.unpadded_prefill = self.device == "cpu"
 
         self.tokenizer.padding_side = "left"
         self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
@@ -150,6 +154,8 @@ class HFBackend:
         check_window(lengths, sampling.max_new_tokens, self.context_tokens)
         batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.unpadded_prefill and min(lengths) < max(lengths):
+            batch["cache"] = self._prefill_unpadded(ids)
         options: dict[str, Any] = {"do_sample": False}
         if not sampling.greedy:
             options = {"do_sample": True, "temperature": sampling.temperature,
@@ -159,6 +165,35 @@ class HFBackend:
             out = self.model.generate(**batch, max_new_tokens=sampling.max_new_tokens, **options)
         new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
         return [self._completion(row, n) for row, n in zip(new_tokens, lengths)]
+
+    def _prefill_unpadded(self, ids: list[list[int]]) -> Any:
+        """The batch's KV cache for all but each prompt's last token, computed prompt by
+        prompt (no compute spent on padding) and left-padded with zeros, which the attention
+        mask hides. `generate` then starts from the last column, the same for every row."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max(map(len, ids)) - 1
+        rows: list[list[tuple[Any, Any]]] = []
+        with torch.inference_mode():
+            for x in ids:
+                if len(x) > 1:
+                    out = self.model(input_ids=torch.tensor([x[:-1]], device=self.device),
+                                     use_cache=True, logits_to_keep=1)
+                    rows.append([(layer.keys, layer.values) for layer in out.cache.layers])
+                else:
+                    rows.append([])
+        template = next(r for r in rows if r)
+        layers = []
+        for i, (k0, v0) in enumerate(template):
+            keys, values = [], []
+            for row in rows:
+                k, v = row[i] if row else (k0[:, :, :0], v0[:, :, :0])
+                pad = width - k.shape[2]
+                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     def _completion(self, row: list[int], prompt_tokens: int) -> Completion:
         stop = next((i for i, tok in enumerate(row) if tok in self.eos_ids), None)

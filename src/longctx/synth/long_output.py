@@ -22,6 +22,7 @@ from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
 from longctx.synth import prompts
+from longctx.synth.quality import is_repetitive
 from longctx.synth.tables import count_reasons, read_documents, read_table, write_table
 from longctx.tokens import split_chunks
 
@@ -37,7 +38,7 @@ LONG_OUTPUT_SCHEMA = pa.schema([
     ("kept", pa.bool_()),
     ("reason", pa.string()),
 ])
-REASONS = ("empty", "truncated", "too_short", "not_an_instruction")
+REASONS = ("empty", "truncated", "too_short", "not_an_instruction", "repetitive")
 MIN_WORDS = 4
 GAP = "\n\n[...]\n\n"  # between the start and the end of an excerpt
 WINDOW_MARGIN = 32  # chat-template tokens around the prompt
@@ -121,7 +122,8 @@ def clean_instruction(text: str) -> tuple[str, bool]:
     return _unwrap(head[0]), len(head) == 1
 
 
-def reject_reason(text: str, finish_reason: str, at_end: bool = True) -> str | None:
+def reject_reason(text: str, finish_reason: str, at_end: bool = True,
+                  max_repeated_fraction: float = 1.0) -> str | None:
     """Why a cleaned answer is no instruction (None: keep it). A cut-off answer only loses
     its instruction when the cut fell inside it."""
     if not text:
@@ -132,6 +134,8 @@ def reject_reason(text: str, finish_reason: str, at_end: bool = True) -> str | N
         return "too_short"
     if not _WRITING.match(text):  # e.g. "I'm ready to help", or a summary of the text
         return "not_an_instruction"
+    if is_repetitive(text, max_repeated_fraction):
+        return "repetitive"
     return None
 
 
@@ -158,7 +162,8 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, docs_path: str | Pat
     rows = []
     for doc_id, answer in zip(candidates, answers):
         instruction, at_end = clean_instruction(answer.text)
-        reason = reject_reason(instruction, answer.finish_reason, at_end)
+        reason = reject_reason(instruction, answer.finish_reason, at_end,
+                               cfg.max_repeated_fraction)
         rows.append({"id": sample_id(doc_id, instruction), "doc_id": doc_id,
                      "instruction": instruction, "target": docs[doc_id]["text"],
                      "target_tokens": docs[doc_id]["n_tokens"],

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from longctx import repro
 from longctx.config import SummarizeConfig
@@ -108,7 +109,7 @@ def _chunk_documents(cfg: SummarizeConfig, llm: LLM, docs: dict[str, dict],
                      ids: list[str]) -> tuple[dict[str, list[str]], int]:
     """Each document's chunks (first `max_chunks_per_document`), and how many were left out."""
     chunks, left_out = {}, 0
-    for doc_id in ids:
+    for doc_id in tqdm(ids, desc="chunk documents", unit="doc", disable=None):
         parts = split_chunks(docs[doc_id]["text"], cfg.chunk_tokens, llm.count_tokens)
         cap = cfg.max_chunks_per_document or len(parts)
         chunks[doc_id] = parts[:cap]
