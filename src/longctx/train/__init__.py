@@ -1,2 +1,2 @@
 """Progressive context-extension training (DESIGN.md section 1, step 6): rope.py schedules
-each stage's length and RoPE base."""
+each stage's length and RoPE base; loss.py is the chunked cross-entropy of long sequences."""
