@@ -25,7 +25,7 @@ from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
 from longctx.synth.prompts import VERSIONS, instructions_prompt
-from longctx.synth.tables import count_reasons, read_documents, write_table
+from longctx.synth.tables import count_reasons, read_documents, read_table, write_table
 from longctx.tokens import Counter, split_chunks
 
 log = logging.getLogger(__name__)
@@ -181,13 +181,17 @@ def _filter_round(cands: list[Candidate], cfg: InstructionsConfig, dedup: Dedupe
             kept.append(c)
 
 
-def _round(r: int, cfg: InstructionsConfig, llm: LLM, seed: int, docs: dict[str, dict],
+def _round(r: int, cfg: InstructionsConfig, llm: LLM, seed: int, docs_path: str | Path,
            ids: list[str], n_prompts: int) -> tuple[list[Candidate], list[str], int]:
-    """One generation round: its candidates, finish reasons and number of unparseable replies."""
+    """One generation round: its candidates, finish reasons and number of unparseable replies.
+    Only the documents this round draws are read (a corpus may hold 10M)."""
+    rngs = [random.Random(derive_seed(seed, "instructions", r, p)) for p in range(n_prompts)]
+    drawn = [rng.choice(ids) for rng in rngs]
+    docs = read_documents(docs_path, drawn)
     plans, chats = [], []
-    for p in range(n_prompts):
-        rng = random.Random(derive_seed(seed, "instructions", r, p))
-        doc_id = rng.choice(ids)
+    for rng, doc_id in zip(rngs, drawn):
+        if not (docs[doc_id]["text"] or "").strip():
+            raise LongctxError(f"{docs_path}: document {doc_id} has no text (rerun corpus)")
         chunk = seed_chunk(docs[doc_id]["text"], rng, cfg.seed_chunk_tokens, llm.count_tokens)
         task_type = rng.choice(cfg.task_types)
         plans.append((doc_id, chunk, task_type))
@@ -205,10 +209,9 @@ def _round(r: int, cfg: InstructionsConfig, llm: LLM, seed: int, docs: dict[str,
 def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, docs_path: str | Path,
                           out_path: str | Path, stats_path: str | Path) -> dict:
     """Write `count` instructions (fewer, with a warning, if rounds run out) and their stats."""
-    docs = {i: d for i, d in read_documents(docs_path).items() if (d["text"] or "").strip()}
-    if not docs:
-        raise LongctxError(f"{docs_path}: no document with text to draw seed chunks from")
-    ids = sorted(docs)
+    ids = sorted(row["id"] for row in read_table(docs_path, ["id"]))
+    if not ids:
+        raise LongctxError(f"{docs_path}: no document to draw seed chunks from")
     dedup = Deduper(cfg.dedup_model, cfg.dedup_similarity)
     kept: list[Candidate] = []
     cands: list[Candidate] = []
@@ -216,7 +219,7 @@ def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, docs_pat
     unparseable = rounds = 0
     while rounds < cfg.max_rounds and len(kept) < cfg.count:
         n_prompts = max(1, -(-3 * (cfg.count - len(kept)) // (2 * cfg.per_prompt)))
-        new, reasons, bad = _round(rounds, cfg, llm, seed, docs, ids, n_prompts)
+        new, reasons, bad = _round(rounds, cfg, llm, seed, docs_path, ids, n_prompts)
         _filter_round(new, cfg, dedup, kept)
         cands += new
         finish += reasons

@@ -52,10 +52,10 @@ def read_documents(docs_path: str | Path, ids: list[str] | None = None) -> dict[
     import polars as pl
 
     docs_path = Path(docs_path)
-    read_table_columns = ["id", "title", "text", "n_tokens"]
+    columns = ["id", "title", "text", "n_tokens"]
     if not docs_path.is_file():
         raise LongctxError(f"{docs_path}: documents file not found")
-    frame = pl.scan_parquet(docs_path).select(read_table_columns)
+    frame = pl.scan_parquet(docs_path).select(columns)
     if ids is not None:
         frame = frame.filter(pl.col("id").is_in(list(dict.fromkeys(ids))))
     try:
