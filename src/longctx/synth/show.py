@@ -32,7 +32,7 @@ def _rows_for(path: Path, key: str, value: str) -> list[dict] | None:
     """Rows of one instruction, or None when the step has not written its table yet."""
     if not path.is_file():
         return None
-    return [row for row in pq.read_table(path).to_pylist() if row[key] == value]
+    return pq.read_table(path, filters=[(key, "==", value)]).to_pylist()
 
 
 def find_instruction(instructions: list[dict], prefix: str, path: Path) -> dict:
