@@ -1,0 +1,77 @@
+"""Packing samples into fixed-length training sequences, each sample seeing only itself.
+
+Several short samples share one sequence of the stage's length: their tokens are laid end to
+end, position ids restart at 0 for every sample, and a block-diagonal causal mask keeps each
+token's attention inside its own sample, so a packed sequence trains exactly as its samples
+would one by one (a test checks loss and gradients). Targets are shifted here, per sample: a
+sample's last token predicts nothing (never the next sample's first token).
+
+The mask is a dense additive [T, T] tensor, which sdpa and eager attention both honour; it is
+meant for the short packs of CPU runs. (In transformers 5.24 neither infers sample boundaries
+from restarting position ids alone.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longctx.train.loss import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Token ids and, per token, whether the model learns to produce it (the loss rule:
+    long samples learn every token, short samples only their target)."""
+
+    input_ids: list[int]
+    learn: list[bool]
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.learn):
+            raise ValueError(f"{len(self.input_ids)} tokens but {len(self.learn)} learn flags")
+        if not self.input_ids:
+            raise ValueError("a sample needs at least one token")
+
+
+@dataclass
+class Packed:
+    """One training sequence: [1, T] ids, shifted targets and position ids, [1, 1, T, T]
+    additive mask, and the sample index of every position (-1: padding)."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    segments: torch.Tensor
+
+
+def pack(samples: list[Sample], length: int, pad_id: int, dtype: torch.dtype = torch.float32
+         ) -> Packed:
+    """Lay `samples` end to end in one sequence of `length` tokens (padding after them)."""
+    total = sum(len(s.input_ids) for s in samples)
+    if total > length:
+        raise ValueError(f"{len(samples)} samples hold {total} tokens, more than the "
+                         f"sequence length {length}")
+    ids, targets, positions, segments = [], [], [], []
+    for k, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids += s.input_ids
+        # position t predicts token t+1 of the same sample, if that token is learnt
+        targets += [s.input_ids[t + 1] if s.learn[t + 1] else IGNORE_INDEX
+                    for t in range(n - 1)] + [IGNORE_INDEX]
+        positions += range(n)
+        segments += [k] * n
+    pad = length - total
+    ids += [pad_id] * pad
+    targets += [IGNORE_INDEX] * pad
+    positions += [0] * pad
+    segments += [-1] * pad
+    seg = torch.tensor(segments)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0)
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty rows
+    mask = torch.zeros(length, length, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return Packed(torch.tensor([ids]), torch.tensor([targets]), torch.tensor([positions]),
+                  mask[None, None], seg[None])
