@@ -131,13 +131,13 @@ def summarize_cache(path: Path, n_instructions: int, batch_size: int, tmp: Path)
     from longctx.corpus import build_corpus
     from longctx.llm import make_llm
     from longctx.synth.summarize import summarize
-    from longctx.synth.tables import read_documents, write_table
+    from longctx.synth.tables import read_table, write_table
 
     docs = Path("data/corpus/docs.parquet")
     if not docs.is_file():
         docs = tmp / "docs.parquet"
         build_corpus(CorpusConfig(), path, docs, tmp / "corpus.json")
-    ids = sorted(read_documents(docs))[: 2 * n_instructions]
+    ids = sorted(r["id"] for r in read_table(docs, ["id"]))[: 2 * n_instructions]
     instructions = [{"id": f"bench{i}", "instruction": BENCH_INSTRUCTIONS[i % 4]}
                     for i in range(n_instructions)]
     write_table(tmp / "instructions.parquet", instructions,

@@ -55,14 +55,20 @@ def cmd_index(args: argparse.Namespace) -> None:
              manifest["recall"], args.out)
 
 
-def cmd_instructions(args: argparse.Namespace) -> None:
-    from longctx.synth.instructions import generate_instructions
+def _with_llm(args: argparse.Namespace, step) -> dict:
+    """Run `step(params, llm)` with the configured generator open (and closed after)."""
     from longctx.synth.tables import open_llm
 
     params = _params(args)
     with open_llm(params.llm, args.model) as llm:
-        stats = generate_instructions(params.instructions, llm, params.seed, args.docs,
-                                      args.out, args.stats)
+        return step(params, llm)
+
+
+def cmd_instructions(args: argparse.Namespace) -> None:
+    from longctx.synth.instructions import generate_instructions
+
+    stats = _with_llm(args, lambda p, llm: generate_instructions(
+        p.instructions, llm, p.seed, args.docs, args.out, args.stats))
     log.info("instructions: %d kept of %d candidates -> %s", stats["kept"],
              stats["candidates"], args.out)
 
@@ -78,35 +84,27 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
 
 def cmd_summarize(args: argparse.Namespace) -> None:
     from longctx.synth.summarize import summarize
-    from longctx.synth.tables import open_llm
 
-    params = _params(args)
-    with open_llm(params.llm, args.model) as llm:
-        stats = summarize(params.summarize, llm, params.seed, args.instructions, args.retrieved,
-                          args.docs, args.out, args.stats)
+    stats = _with_llm(args, lambda p, llm: summarize(
+        p.summarize, llm, p.seed, args.instructions, args.retrieved, args.docs, args.out,
+        args.stats))
     log.info("summarize: %d summaries over %d levels -> %s", stats["summaries"],
              stats["levels"], args.out)
 
 
 def cmd_respond(args: argparse.Namespace) -> None:
     from longctx.synth.respond import respond
-    from longctx.synth.tables import open_llm
 
-    params = _params(args)
-    with open_llm(params.llm, args.model) as llm:
-        stats = respond(params.respond, llm, params.seed, args.instructions, args.summaries,
-                        args.out, args.stats)
+    stats = _with_llm(args, lambda p, llm: respond(
+        p.respond, llm, p.seed, args.instructions, args.summaries, args.out, args.stats))
     log.info("respond: %d kept of %d -> %s", stats["kept"], stats["instructions"], args.out)
 
 
 def cmd_long_output(args: argparse.Namespace) -> None:
     from longctx.synth.long_output import long_output
-    from longctx.synth.tables import open_llm
 
-    params = _params(args)
-    with open_llm(params.llm, args.model) as llm:
-        stats = long_output(params.long_output, llm, params.seed, args.docs, args.out,
-                            args.stats)
+    stats = _with_llm(args, lambda p, llm: long_output(
+        p.long_output, llm, p.seed, args.docs, args.out, args.stats))
     log.info("long_output: %d kept of %d candidates -> %s", stats["kept"], stats["candidates"],
              args.out)
 

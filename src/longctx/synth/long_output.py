@@ -23,7 +23,8 @@ from longctx.llm import LLM
 from longctx.llm.base import derive_seed
 from longctx.synth import prompts
 from longctx.synth.quality import is_repetitive
-from longctx.synth.tables import count_reasons, read_documents, read_table, write_table
+from longctx.synth.tables import (count_reasons, mean_max, read_documents, read_table,
+                                   write_table)
 from longctx.tokens import split_chunks
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,7 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, docs_path: str | Pat
         "candidates": len(candidates),
         "kept": len(kept),
         "dropped": count_reasons([r["reason"] for r in rows], REASONS),
-        "target_tokens": {"sum": sum(kept), "max": max(kept, default=0),
-                          "mean": round(sum(kept) / len(kept), 2) if kept else 0.0},
+        "target_tokens": {"sum": sum(kept), **mean_max(kept)},
         "min_tokens": cfg.min_tokens,
         "max_tokens": cfg.max_tokens,
         "sampling": asdict(sampling),

@@ -20,7 +20,7 @@ from longctx.llm import LLM
 from longctx.llm.base import derive_seed
 from longctx.synth import prompts
 from longctx.synth.quality import is_refusal, is_repetitive
-from longctx.synth.tables import count_reasons, read_table, write_table
+from longctx.synth.tables import count_reasons, mean_max, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ RESPONSES_SCHEMA = pa.schema([
 ])
 REASONS = ("no_summaries", "empty", "truncated", "refusal", "too_short", "repetitive")
 FINISH_REASONS = ("stop", "length", "none")
+
 
 def reject_reason(text: str, finish_reason: str, cfg: RespondConfig) -> str | None:
     """Why a response is dropped (the first filter that matches), or None to keep it."""
@@ -99,10 +100,7 @@ def respond(cfg: RespondConfig, llm: LLM, seed: int, instructions_path: str | Pa
         "kept": len(kept_tokens),
         "dropped": count_reasons([r["reason"] for r in rows], REASONS),
         "finish_reasons": count_reasons([r["finish_reason"] for r in rows], FINISH_REASONS),
-        "response_tokens": {
-            "mean": round(sum(kept_tokens) / len(kept_tokens), 2) if kept_tokens else 0.0,
-            "max": max(kept_tokens, default=0),
-        },
+        "response_tokens": mean_max(kept_tokens),
         "sampling": asdict(sampling),
         "template": prompts.VERSIONS["respond"],
         "model": repro.fingerprint(llm.identity),

@@ -29,7 +29,8 @@ from longctx.llm import LLM, Chat, Completion
 from longctx.llm.base import derive_seed
 from longctx.synth.prompts import NOTHING_RELEVANT, VERSIONS, merge_prompt, qfs_prompt
 from longctx.synth.quality import is_repetitive
-from longctx.synth.tables import count_reasons, read_documents, read_table, write_table
+from longctx.synth.tables import (count_reasons, mean_max, read_documents, read_table,
+                                   write_table)
 from longctx.tokens import split_chunks
 
 log = logging.getLogger(__name__)
@@ -278,8 +279,7 @@ def _stats(cfg: SummarizeConfig, llm: LLM, rows: list[Summary], calls: list[int]
         "over_budget": sum(r.reason == "over_budget" for r in rows),
         "failed_merges": len(lost), "lost_in_failed_merges": sum(len(r.children) for r in lost),
         "final_summaries": len(final),
-        "final_tokens": {"mean": round(sum(final) / len(final), 2) if final else 0.0,
-                         "max": max(final, default=0)},
+        "final_tokens": mean_max(final),
         "instructions_without_summaries": instructions - len({r.instruction_id for r in rows
                                                                if r.final}),
         "chunk_tokens": cfg.chunk_tokens, "budget_tokens": cfg.budget_tokens,

@@ -86,6 +86,12 @@ def open_llm(cfg: LLMConfig, base_model_dir: str | Path) -> Iterator[LLM]:
         llm.close()
 
 
+def mean_max(values: list[int]) -> dict[str, float]:
+    """{mean (2 decimals), max} of token counts; zeros for none, so stats files compare."""
+    return {"mean": round(sum(values) / len(values), 2) if values else 0.0,
+            "max": max(values, default=0)}
+
+
 def count_reasons(reasons: list[str | None], known: tuple[str, ...]) -> dict[str, int]:
     """{reason: n} over every known reason (zeros included, so stats files compare)."""
     counts = dict.fromkeys(known, 0)
