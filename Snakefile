@@ -7,10 +7,12 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/corpus.smk"
 include: "workflow/rules/retrieval.smk"
 include: "workflow/rules/synth.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
     input:
         rules.respond.output.responses,
         rules.long_output.output.long_output,
+        expand(rules.train_stage.output.model, k=STAGES),
     default_target: True

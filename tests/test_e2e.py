@@ -1,5 +1,5 @@
-"""The DAG so far (data and synthesis halves), for real, on the micro profile with the bundled
-models.
+"""The DAG so far (data, synthesis and training halves), for real, on the micro profile with the
+bundled models.
 
 Two from-scratch runs in two fresh checkouts, one by Snakemake and one by DVC, each with its
 own call cache, must produce byte-identical artifacts; each tool must then see the other's
@@ -80,10 +80,12 @@ def by_dvc(origin, tmp_path_factory) -> tuple[Path, str]:
 
 
 STAGES = ["base_model", "corpus", "embed", "index", "instructions", "retrieve", "summarize",
-          "respond", "long_output"]
+          "respond", "long_output", "pack-0", "pack-1", "train_stage-0", "train_stage-1"]
 EDGES = [("base_model", "corpus"), ("corpus", "embed"), ("embed", "index"),
          ("corpus", "instructions"), ("instructions", "retrieve"), ("index", "retrieve"),
-         ("retrieve", "summarize"), ("summarize", "respond"), ("corpus", "long_output")]
+         ("retrieve", "summarize"), ("summarize", "respond"), ("corpus", "long_output"),
+         ("respond", "pack-0"), ("long_output", "pack-1"), ("pack-0", "train_stage-0"),
+         ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1")]
 
 
 def test_snakemake_builds_the_whole_dag(by_snakemake):
@@ -93,6 +95,23 @@ def test_snakemake_builds_the_whole_dag(by_snakemake):
     for table in ("instructions", "retrieved", "summaries", "responses", "long_output"):
         assert (by_snakemake / "data" / "synth" / f"{table}.parquet").is_file()
     assert "Nothing to be done" in run(by_snakemake, "snakemake", "--cores", "2", "-n")
+
+
+def test_each_stage_carries_its_scheduled_rope_base_and_a_loss_curve(by_snakemake):
+    """micro: base_length 256 at the model's 1e5, stages 512 and 1024 -> x4 per doubling."""
+    import json
+
+    for k, (length, theta) in enumerate([(512, 4e5), (1024, 1.6e6)]):
+        config = json.loads((by_snakemake / f"models/stage-{k}/config.json").read_text())
+        assert config["max_position_embeddings"] == length
+        assert config["rope_parameters"]["rope_theta"] == pytest.approx(theta)
+        loss = by_snakemake / f"results/train/stage-{k}/plots/metrics/train/loss.tsv"
+        assert loss.read_text().splitlines()[0] == "step\tloss"
+    shown = run(by_snakemake, "longctx", "pack-show", "data/pack/stage-0/sequences.parquet",
+                "--sequence", "0", "--color", "never", "--max-tokens", "64")
+    assert "sample 1/" in shown and "[[" in shown, shown
+    metrics = run(by_snakemake, "dvc", "metrics", "show")
+    assert "results/train/stage-1/metrics.json" in metrics and "rope_theta" in metrics
 
 
 def test_show_prints_an_instructions_whole_story(by_snakemake):
@@ -138,13 +157,15 @@ def test_after_snakemake_dvc_commit_makes_dvc_clean(by_snakemake):
 
 
 def test_exp_run_reruns_only_what_the_change_reaches(by_dvc):
-    """recall_sample changes the index manifest, so retrieve reruns; its table is the same
-    (flat search is exact), so nothing downstream of it runs again."""
+    """recall_sample changes the index manifest, so retrieve and pack (which searches it to
+    fill samples) rerun; their tables are the same (flat search is exact), so neither
+    summarize nor training runs again."""
     project, _ = by_dvc
     run(project, "git", "add", "dvc.lock")
     run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock")
     output = run(project, "dvc", "exp", "run", "-S", "index.recall_sample=10")
-    assert re.findall(r"Running stage '([\w-]+)'", output) == ["index", "retrieve"], output
+    assert sorted(re.findall(r"Running stage '([\w-]+)'", output)) == [
+        "index", "pack-0", "pack-1", "retrieve"], output
 
 
 def test_base_model_is_a_working_chat_model(by_snakemake):

@@ -147,6 +147,12 @@ def test_documents_are_chunked_and_summarised_in_rank_then_chunk_order(tmp_path)
     assert sorted(served) == sorted(["Short second document."] + [c.strip() for c in chunks])
     assert rows[1]["summary"] == f"about {chunks[0].split()[0]} a b c"
     assert (stats["chunks"], stats["chunks_left_out"], stats["documents"]) == (7, 0, 2)
+    texts = {doc_id(i): text for i, text in enumerate(docs)}
+    parts = {doc_id(0): chunks, doc_id(1): [docs[1]]}
+    for r in rows:  # offsets give back each chunk exactly (what pack rebuilds prompts from)
+        assert texts[r["doc_id"]][r["char_start"]:r["char_end"]] == parts[r["doc_id"]][r["chunk"]]
+    assert [(r["char_start"], r["char_end"]) for r in rows[1:3]] == \
+        [(0, len(chunks[0])), (len(chunks[0]), len(chunks[0]) + len(chunks[1]))]
 
     capped = SummarizeConfig(chunk_tokens=12, budget_tokens=10_000, max_chunks_per_document=2)
     rows, stats = run(capped, scripted_llm(reply), inputs, tmp_path / "capped")
@@ -162,7 +168,8 @@ def test_recursion_merges_until_the_budget_fits(tmp_path, recurse_inputs):
     level1, level2 = at(rows, 1), at(rows, 2)
     assert [r["children"] for r in level1] == [[0, 1], [3, 4], [5, 6]]  # position 2 dropped
     assert [r["summary"] for r in level1] == ["merged 2 notes here ok"] * 3
-    assert all(r["doc_id"] is None and r["chunk"] is None for r in level1 + level2)
+    assert all(r["doc_id"] is None and r["chunk"] is None and r["char_start"] is None
+               and r["char_end"] is None for r in level1 + level2)
     assert [(r["children"], r["finish_reason"]) for r in level2] == [([0, 1], "stop"),
                                                                      ([2], "carried")]
     assert level2[1]["summary"] == level1[2]["summary"]

@@ -25,13 +25,19 @@ def test_every_stage_runs_its_own_longctx_step(exported):
     stages = yaml.safe_load(exported)["stages"]
     order = list(stages)  # a dependency order
     assert sorted(order) == sorted(["base_model", "corpus", "embed", "index", "instructions",
-                                    "retrieve", "summarize", "respond", "long_output"])
+                                    "retrieve", "summarize", "respond", "long_output",
+                                    "pack-0", "pack-1", "train_stage-0", "train_stage-1"])
     for first, then in [("base_model", "corpus"), ("corpus", "embed"), ("embed", "index"),
                         ("index", "retrieve"), ("instructions", "retrieve"),
-                        ("retrieve", "summarize"), ("summarize", "respond")]:
+                        ("retrieve", "summarize"), ("summarize", "respond"),
+                        ("respond", "pack-0"), ("pack-0", "train_stage-0"),
+                        ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1")]:
         assert order.index(first) < order.index(then)
+    commands = {"train_stage": "train"}  # one stage per job: the rule name, then a wildcard
     for name, stage in stages.items():
-        assert stage["cmd"].startswith(f"longctx {name.replace('_', '-')} "), name
+        rule = name.split("-")[0]
+        step = commands.get(rule, rule.replace("_", "-"))
+        assert stage["cmd"].startswith(f"longctx {step} "), name
         assert any(dep.startswith("src/longctx/") for dep in stage["deps"]), name
     assert stages["index"]["params"] == ["index", "seed"]
     assert stages["embed"]["params"] == ["embed"]
@@ -40,6 +46,9 @@ def test_every_stage_runs_its_own_longctx_step(exported):
     assert stages["summarize"]["params"] == ["llm", "seed", "summarize"]
     assert "src/longctx/llm/hf.py" in stages["summarize"]["deps"]  # a package's modules
     assert stages["respond"]["metrics"] == ["data/synth/responses.json"]
+    assert stages["train_stage-1"]["params"] == ["seed", "stages", "train"]
+    assert "models/stage-0" in stages["train_stage-1"]["deps"]  # from the previous weights
+    assert stages["train_stage-1"]["plots"] == ["results/train/stage-1/plots"]
 
 
 def test_snakemake_refuses_config_overrides():

@@ -109,6 +109,42 @@ def cmd_long_output(args: argparse.Namespace) -> None:
              args.out)
 
 
+def cmd_pack(args: argparse.Namespace) -> None:
+    from longctx.pack import pack_stage
+
+    stats = pack_stage(_params(args), args.stage, args.model, args.docs, args.instructions,
+                       args.retrieved, args.summaries, args.responses, args.long_output,
+                       args.index, args.embeddings, args.out, args.stats)
+    log.info("pack: stage %d, %d sequences of %d tokens -> %s", stats["stage"],
+             stats["sequences"], stats["length"], args.out)
+
+
+def cmd_pack_show(args: argparse.Namespace) -> None:
+    from longctx.pack_show import pack_show
+
+    print(pack_show(args.sequences, args.model, args.sequence, args.color, args.max_tokens))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import subprocess
+
+    from longctx.train.launch import launcher
+    from longctx.train.loop import train_stage
+
+    params = _params(args)
+    command = launcher(params.train, args.argv)
+    if command is not None:  # several processes: the launcher runs this same command in each
+        log.info("train: %s", " ".join(command))
+        if subprocess.run(command).returncode != 0:
+            raise LongctxError(f"stage {args.stage}: a training process failed (see above)")
+        return
+    summary = train_stage(params, args.stage, args.base, args.init, args.sequences, args.out,
+                          args.live, args.checkpoints)
+    log.info("train: stage %d (length %d, RoPE base %g), %d steps, final loss %s -> %s",
+             args.stage, summary["length"], summary["rope_theta"], summary["steps"],
+             summary["final_loss"], args.out)
+
+
 def cmd_show(args: argparse.Namespace) -> None:
     from longctx.synth.show import show
 
@@ -225,6 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
     synth_step("long-output", cmd_long_output, "rule long_output: back-translated writing "
                "instructions for long documents", "docs", "model")
 
+    p = add("pack", cmd_pack, "rule pack: the tokenised training sequences of one stage")
+    p.add_argument("--stage", type=int, required=True, help="index into stages.schedule")
+    for inp in ("model", "docs", "instructions", "retrieved", "summaries", "responses",
+                "long-output", "index", "embeddings"):
+        p.add_argument(f"--{inp}", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="sequences.parquet")
+    p.add_argument("--stats", type=Path, required=True, help="stats json")
+
+    p = add("pack-show", cmd_pack_show, "print packed sequences sample by sample, the tokens "
+            "that carry loss marked (green, or [[ ]] without colour)")
+    p.add_argument("sequences", type=Path, help="a sequences.parquet of the pack step")
+    p.add_argument("--sequence", type=int, default=None, help="only this sequence")
+    p.add_argument("--model", type=Path, default=Path("models/base"), help="its tokenizer")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="elide the middle of samples longer than this")
+
+    p = add("train", cmd_train, "rule train_stage: train one stage from the previous weights "
+            "(resumes from its checkpoints)")
+    p.add_argument("--stage", type=int, required=True, help="index into stages.schedule")
+    p.add_argument("--base", type=Path, required=True, help="the base model (the schedule "
+                   "starts from its length and RoPE base)")
+    p.add_argument("--init", type=Path, required=True, help="weights to start from")
+    p.add_argument("--sequences", type=Path, required=True, help="the stage's sequences.parquet")
+    p.add_argument("--out", type=Path, required=True, help="the stage's model dir")
+    p.add_argument("--live", type=Path, required=True, help="dvclive dir (metrics, plots)")
+    p.add_argument("--checkpoints", type=Path, required=True, help="resumable state")
+
     p = add("show", cmd_show, "print an instruction, its documents, summaries and response")
     p.add_argument("instruction_id", help="an id from data/synth/instructions.parquet "
                    "(a unique prefix is enough)")
@@ -268,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under a launcher
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing

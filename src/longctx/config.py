@@ -7,7 +7,8 @@ an unknown key or a bad value is rejected with the key's path and the reason bef
 
 Sections map one-to-one onto DAG rules (DESIGN.md section 2), and each rule reads only its own
 section, so Snakemake and DVC rerun exactly what a change touches. Sections of the training and
-evaluation halves (`pack`, `train`, `eval`) are added here with the rules that read them.
+evaluation halves are `stages` (the progressive schedule that `pack` and `train` both read),
+`pack` and `train`; `eval` is added with the rules that read it.
 """
 
 from __future__ import annotations
@@ -330,6 +331,155 @@ class LongOutputConfig(Decoding):
                                                                        "max_tokens"))
 
 
+Fraction = Annotated[float, Field(ge=0)]
+
+
+class Mixture(Section):
+    """Shares of a stage's sequences by sample kind (normalised; each sequence is about the
+    stage's length, so these are also shares of tokens)."""
+
+    long: Fraction = Field(default=0.6, description="instruction + retrieved documents -> "
+                           "response (loss on all tokens)")
+    long_output: Fraction = Field(default=0.2, description="writing instruction -> long "
+                                  "document (loss on all tokens)")
+    short: Fraction = Field(default=0.2, description="short instruction data, several per "
+                            "sequence (loss on the answer only)")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Mixture:
+        if self.long + self.long_output + self.short <= 0:
+            raise ValueError("at least one kind needs a positive share")
+        return self
+
+
+class StageConfig(Section):
+    length: PositiveInt = Field(description="sequence length of the stage in tokens")
+    rope_theta: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="RoPE base (None: the previous stage's x rope_growth per "
+        "doubling of the length)"
+    )
+    steps: PositiveInt = Field(default=100, description="optimizer steps of the stage")
+    sequences: PositiveInt | None = Field(
+        default=None, description="sequences packed for the stage (None: as many as the data "
+        "gives at the mixture's shares without repeating a sample)"
+    )
+    mixture: Mixture | None = Field(
+        default=None, description="this stage's shares (None: pack.mixture)"
+    )
+
+
+class StagesConfig(Section):
+    base_length: PositiveInt | None = Field(
+        default=None, description="the length the schedule starts from (None: the base model's "
+        "max_position_embeddings)"
+    )
+    rope_growth: Annotated[float, Field(ge=1)] = Field(
+        default=4.0, description="RoPE base multiplier per doubling of the length (paper: 4)"
+    )
+    rope_scaling: Literal["keep", "drop"] = Field(
+        default="drop", description="a model's rope scaling (Llama-3.1's llama3 type): keep it "
+        "under the new base, or drop it for plain RoPE"
+    )
+    schedule: list[StageConfig] = Field(
+        default_factory=lambda: [StageConfig(length=16384)], min_length=1,
+        description="the stages in order, each longer than the last"
+    )
+
+
+class PackConfig(Section):
+    document_order: Literal["retrieved", "reversed", "shuffled"] = Field(
+        default="retrieved", description="order of a long sample's documents: best first, best "
+        "last (nearest the instruction), or shuffled"
+    )
+    instruction_position: Literal["start", "end"] = Field(
+        default="end", description="the instruction before or after the documents"
+    )
+    fill_top_k: PositiveInt = Field(
+        default=64, description="when its own documents leave room, a long sample is filled "
+        "with further documents from the instruction's top-k (searched again)"
+    )
+    min_fill: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="drop a long sample filling less than this share of the length"
+    )
+    min_cut_tokens: PositiveInt = Field(
+        default=128, description="the last document is cut (on a paragraph or sentence "
+        "boundary) to fill the length only when at least this many tokens are left"
+    )
+    short_source: Literal["qfs", "file"] = Field(
+        default="qfs", description="qfs: the summarization calls themselves (chunk -> summary); "
+        "file: the chat dataset at short_path"
+    )
+    short_path: str | None = Field(
+        default=None, description="parquet/jsonl of chats (a `messages` list of {role, "
+        "content}, e.g. Tulu-v2) when short_source is file"
+    )
+    short_sequence_tokens: PositiveInt | None = Field(
+        default=None, description="length of the sequences short samples are packed into "
+        "(None: the stage's length); smaller keeps sdpa's dense packing mask small"
+    )
+    mixture: Mixture = Field(default_factory=Mixture, description="default shares by kind")
+
+    @model_validator(mode="after")
+    def _file_given(self) -> PackConfig:
+        if self.short_source == "file" and not self.short_path:
+            raise ValueError("short_source 'file' needs short_path")
+        return self
+
+
+class TrainConfig(Section):
+    lr: Annotated[float, Field(gt=0)] = Field(default=2e-5, description="peak learning rate")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="decay after warmup, within each stage"
+    )
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.1, description="final learning rate as a share of lr"
+    )
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        default=10, description="linear warmup steps at the start of each stage"
+    )
+    weight_decay: Annotated[float, Field(ge=0)] = Field(default=0.1, description="AdamW")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW")
+    grad_clip: Annotated[float, Field(gt=0)] | None = Field(
+        default=1.0, description="clip the global gradient norm (None: no clipping)"
+    )
+    batch_size: PositiveInt = Field(default=1, description="sequences per micro-batch and process")
+    grad_accum: PositiveInt = Field(default=1, description="micro-batches per optimizer step")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa", description="attention kernel; flash_attention_2 (the `gpu` extra) "
+        "keeps packed samples apart through position ids, without a dense mask"
+    )
+    activation_checkpointing: bool = Field(
+        default=True, description="recompute layer activations in the backward pass"
+    )
+    loss_chunk_tokens: PositiveInt = Field(
+        default=4096, description="tokens per chunk of the cross-entropy (logits never whole)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto: bf16 autocast on GPU, float32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where a single process trains (accelerate launch decides "
+        "for multi-process runs)"
+    )
+    processes: PositiveInt = Field(
+        default=1, description="training processes: > 1 relaunches `longctx train` under "
+        "accelerate launch (with accelerate_config) or torchrun (data parallel; gloo on CPU)"
+    )
+    accelerate_config: str | None = Field(
+        default=None, description="an accelerate config file (configs/accelerate/: single, "
+        "ddp, fsdp2) to launch `longctx train` with"
+    )
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        default="bfloat16", description="dtype of the stage's saved weights (float32 keeps "
+        "updates smaller than bf16's precision, e.g. a few small-lr steps)"
+    )
+    checkpoint_every: PositiveInt = Field(
+        default=50, description="save resumable state every N steps in checkpoints/stage-<k>/"
+    )
+    keep_checkpoints: PositiveInt = Field(default=2, description="checkpoints kept per stage")
+    log_every: PositiveInt = Field(default=1, description="log loss, lr, tokens/s every N steps")
+
+
 class Params(Section):
     seed: int = Field(default=1234, description="global seed: sampling, training, index build")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -342,6 +492,9 @@ class Params(Section):
     summarize: SummarizeConfig = Field(default_factory=SummarizeConfig)
     respond: RespondConfig = Field(default_factory=RespondConfig)
     long_output: LongOutputConfig = Field(default_factory=LongOutputConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

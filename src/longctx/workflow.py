@@ -26,6 +26,14 @@ def code(*modules: str) -> list[str]:
     return paths
 
 
+def stage_indices(config: dict[str, Any]) -> list[int]:
+    """0..K-1 for the K entries of stages.schedule (the default schedule when the params file
+    leaves the section out): one pack and one train_stage job each."""
+    from longctx.config import validate_params
+
+    return list(range(len(validate_params(config, "params.yaml").stages.schedule)))
+
+
 def check_config(config: dict[str, Any], params_file: str | Path) -> None:
     """Refuse `--config`/`--configfile` overrides: the steps read `params_file` themselves,
     and DVC tracks that file, so a value that lives only in Snakemake's memory would make

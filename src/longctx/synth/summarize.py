@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
     ("instruction_id", pa.string()), ("level", pa.int32()), ("position", pa.int32()),
-    ("doc_id", pa.string()), ("chunk", pa.int32()), ("children", pa.list_(pa.int32())),
+    ("doc_id", pa.string()), ("chunk", pa.int32()), ("char_start", pa.int64()),
+    ("char_end", pa.int64()), ("children", pa.list_(pa.int32())),
     ("summary", pa.large_string()), ("n_tokens", pa.int32()), ("finish_reason", pa.string()),
     ("kept", pa.bool_()), ("reason", pa.string()), ("final", pa.bool_()),
 ])
@@ -67,6 +69,8 @@ class Summary:
     finish_reason: str
     doc_id: str | None = None
     chunk: int | None = None
+    char_start: int | None = None  # the chunk is the document's text[char_start:char_end]
+    char_end: int | None = None
     children: list[int] = field(default_factory=list)
     kept: bool = True
     reason: str | None = None
@@ -177,10 +181,13 @@ def _level0(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
             for c in range(len(chunks[d]))]
     answers = _complete(cfg, llm, seed, 0,
                         [qfs_prompt(texts[i], chunks[d][c]) for i, d, c in keys])
+    starts = {d: [0, *accumulate(map(len, parts))]  # "".join(parts) is a prefix of the text
+              for d, parts in chunks.items()}
     levels: Levels = {iid: [[]] for iid in ranked}
     for (iid, doc_id, c), (out, text, n, reason) in zip(keys, answers):
         rows = levels[iid][0]
         rows.append(Summary(iid, 0, len(rows), text, n, out.finish_reason, doc_id, c,
+                            starts[doc_id][c], starts[doc_id][c + 1],
                             kept=reason is None, reason=reason))
     return levels
 

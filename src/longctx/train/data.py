@@ -7,8 +7,10 @@ would one by one (a test checks loss and gradients). Targets are shifted here, p
 sample's last token predicts nothing (never the next sample's first token).
 
 The mask is a dense additive [T, T] tensor, which sdpa and eager attention both honour; it is
-meant for the short packs of CPU runs. (In transformers 5.24 neither infers sample boundaries
-from restarting position ids alone.)
+meant for short packs. (In transformers 5.24 neither infers sample boundaries from restarting
+position ids alone.) flash_attention_2 needs no mask: `collate` lays a micro-batch end to end
+in one row and the kernel reads sample boundaries from the restarting position ids (varlen).
+A lone unpadded sample needs no mask either: plain causal attention is what it wants.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ class Packed:
     input_ids: torch.Tensor
     targets: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     segments: torch.Tensor
 
 
-def pack(samples: list[Sample], length: int, pad_id: int, dtype: torch.dtype = torch.float32
-         ) -> Packed:
-    """Lay `samples` end to end in one sequence of `length` tokens (padding after them)."""
+def pack(samples: list[Sample], length: int, pad_id: int, dtype: torch.dtype = torch.float32,
+         mask: bool = True) -> Packed:
+    """Lay `samples` end to end in one sequence of `length` tokens (padding after them);
+    `mask=False` leaves the [T, T] mask out (flash attention, or one unpadded sample)."""
     total = sum(len(s.input_ids) for s in samples)
     if total > length:
         raise ValueError(f"{len(samples)} samples hold {total} tokens, more than the "
@@ -69,9 +72,31 @@ def pack(samples: list[Sample], length: int, pad_id: int, dtype: torch.dtype = t
     positions += [0] * pad
     segments += [-1] * pad
     seg = torch.tensor(segments)
+    if not mask:
+        return Packed(torch.tensor([ids]), torch.tensor([targets]), torch.tensor([positions]),
+                      None, seg[None])
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     allowed = causal & (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0)
     allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty rows
     mask = torch.zeros(length, length, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return Packed(torch.tensor([ids]), torch.tensor([targets]), torch.tensor([positions]),
                   mask[None, None], seg[None])
+
+
+def collate(sequences: list[list[Sample]], attention: str, pad_id: int,
+            dtype: torch.dtype = torch.float32) -> Packed:
+    """A micro-batch (each sequence a list of samples) as model inputs and shifted targets.
+
+    flash_attention_2: every sample end to end in ONE row, no padding and no mask (varlen).
+    sdpa/eager: one row per sequence, padded to the longest; the mask is left out only when it
+    changes nothing (a single sequence holding a single sample).
+    """
+    if attention == "flash_attention_2":
+        flat = [s for seq in sequences for s in seq]
+        return pack(flat, sum(len(s.input_ids) for s in flat), pad_id, dtype, mask=False)
+    longest = max(sum(len(s.input_ids) for s in seq) for seq in sequences)
+    if len(sequences) == 1 and len(sequences[0]) == 1:
+        return pack(sequences[0], longest, pad_id, dtype, mask=False)
+    rows = [pack(seq, longest, pad_id, dtype) for seq in sequences]
+    return Packed(*(torch.cat([getattr(r, f) for r in rows]) for f in
+                    ("input_ids", "targets", "position_ids", "attention_mask", "segments")))

@@ -1,0 +1,230 @@
+"""The training loop on a tiny random Llama (CPU, fp32): stages, resume, signals, loss
+normalisation, errors before training, and a two-process (gloo) run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from llm_data import build_tiny_chat_model
+from safetensors.torch import load_file
+
+from longctx.config import TrainConfig, validate_params
+from longctx.errors import ConfigError, LongctxError
+from longctx.train.loop import TrainingInterrupted, lr_factor, train_stage
+
+SCHEMA = pa.schema([("sequence", pa.int32()), ("kind", pa.string()),
+                    ("input_ids", pa.list_(pa.int32())), ("learn", pa.list_(pa.bool_())),
+                    ("sample_lengths", pa.list_(pa.int32())),
+                    ("sample_ids", pa.list_(pa.string()))])
+
+
+def write_sequences(path, n=12, length=64, seed=0):
+    """n sequences: even ones a single long sample (all learnt), odd ones three short samples
+    (the last third of each learnt), as the pack step writes them; tokens count up mod 17."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        if i % 2 == 0:
+            size = int(torch.randint(length // 2, length + 1, (1,), generator=g))
+            lengths, learn = [size], [True] * size
+        else:
+            lengths = [int(x) for x in torch.randint(6, length // 3, (3,), generator=g)]
+            learn = [t >= 2 * n_ // 3 for n_ in lengths for t in range(n_)]
+        start = int(torch.randint(0, 17, (1,), generator=g))  # a cycle: learnable in few steps
+        ids = [3 + (start + t) % 17 for t in range(sum(lengths))]
+        rows.append({"sequence": i, "kind": "long" if i % 2 == 0 else "short", "input_ids": ids,
+                     "learn": learn, "sample_lengths": lengths,
+                     "sample_ids": [f"s{i}/{k}" for k in range(len(lengths))]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+    return path
+
+
+def make_params(steps=4, **train):
+    base = {"lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 2, "device": "cpu",
+            "loss_chunk_tokens": 16, "save_dtype": "float32", "weight_decay": 0.0}
+    return validate_params({
+        "seed": 7,
+        "stages": {"base_length": 32, "schedule": [{"length": 64, "steps": steps},
+                                                   {"length": 128, "steps": 2}]},
+        "train": {**base, **train},
+    })
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = build_tiny_chat_model(tmp_path / "base", max_positions=64)
+    seqs = write_sequences(tmp_path / "pack" / "stage-0.parquet")
+    return tmp_path, base, seqs
+
+
+def run(tmp_path, base, seqs, params, name="run", stage=0, init=None, on_step=None):
+    return train_stage(params, stage, base, init or base, seqs, tmp_path / name / "model",
+                       tmp_path / name / "live", tmp_path / name / "checkpoints", on_step)
+
+
+def weights(model_dir):
+    return load_file(model_dir / "model.safetensors")
+
+
+def assert_same(a, b, exact=True):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, lr_schedule="cosine")
+    factors = [lr_factor(s, 10, cfg) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    linear = TrainConfig(warmup_steps=0, min_lr_ratio=0.0, lr_schedule="linear")
+    assert [lr_factor(s, 5, linear) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_factor(7, 10, TrainConfig(warmup_steps=1, lr_schedule="constant")) == 1.0
+
+
+def test_stages_train_from_each_other_with_their_rope_base(setup):
+    tmp_path, base, seqs = setup
+    params = make_params(steps=6)
+    summary = run(tmp_path, base, seqs, params, "s0")
+    out = tmp_path / "s0"
+    config = json.loads((out / "model" / "config.json").read_text())
+    # base length 32 (stages.base_length) and base 1e4 (the tiny Llama's) -> x4 per doubling
+    assert config["max_position_embeddings"] == 64 == summary["length"]
+    assert config["rope_parameters"]["rope_theta"] == pytest.approx(4e4)
+    assert json.loads((out / "model" / "longctx_manifest.json").read_text())["stage"] == {
+        "index": 0, "length": 64, "rope_theta": 4e4, "derived": True}
+    losses = [float(r.split("\t")[-1]) for r in
+              (out / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().split(
+                  "\n")[1:] if r]
+    assert len(losses) == 6 and losses[-1] < losses[0]  # it learns
+    assert json.loads((out / "live" / "metrics.json").read_text())["stage"]["steps"] == 6
+    before, after = weights(base), weights(out / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    seqs1 = write_sequences(tmp_path / "pack" / "stage-1.parquet", length=128, seed=1)
+    run(tmp_path, base, seqs1, params, "s1", stage=1, init=out / "model")
+    config1 = json.loads((tmp_path / "s1" / "model" / "config.json").read_text())
+    assert config1["max_position_embeddings"] == 128
+    assert config1["rope_parameters"]["rope_theta"] == pytest.approx(1.6e5)
+
+
+def test_killed_run_resumes_to_the_same_weights(setup):
+    tmp_path, base, seqs = setup
+    params = make_params(steps=5)
+    run(tmp_path, base, seqs, params, "whole")
+
+    def crash(step):
+        if step == 3:  # after the step-2 checkpoint: step 3 is lost and redone
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path, base, seqs, params, "killed", on_step=crash)
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = []
+    run(tmp_path, base, seqs, params, "killed", on_step=resumed.append)
+    assert resumed == [3, 4, 5]
+    assert_same(tmp_path / "whole" / "model", tmp_path / "killed" / "model")
+    assert not any((tmp_path / "killed" / "checkpoints").iterdir())  # spent once the model is out
+    tsv = (tmp_path / "killed" / "live" / "plots" / "metrics" / "train" / "loss.tsv")
+    assert len(tsv.read_text().strip().split("\n")) == 1 + 5  # no gap, no repeat
+
+
+def test_sigterm_saves_a_checkpoint_then_stops(setup):
+    tmp_path, base, seqs = setup
+    params = make_params(steps=3)
+    run(tmp_path, base, seqs, params, "whole")
+
+    def term(step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match="SIGTERM after step 1 of 3"):
+        run(tmp_path, base, seqs, params, "term", on_step=term)
+    saved = list((tmp_path / "term" / "checkpoints").glob("*/step-*"))
+    assert [p.name for p in saved] == ["step-00000001"]
+    resumed = []
+    run(tmp_path, base, seqs, params, "term", on_step=resumed.append)
+    assert resumed == [2, 3]
+    assert_same(tmp_path / "whole" / "model", tmp_path / "term" / "model")
+
+
+def test_loss_weighs_every_token_alike_across_micro_batches(setup):
+    """Two sequences as one padded, masked micro-batch, or as two accumulated ones: the same
+    update (the loss is normalised by the step's token count, not averaged per batch)."""
+    tmp_path, base, seqs = setup
+    run(tmp_path, base, seqs, make_params(steps=2, batch_size=2), "batched")
+    run(tmp_path, base, seqs, make_params(steps=2, grad_accum=2), "accumulated")
+    assert_same(tmp_path / "batched" / "model", tmp_path / "accumulated" / "model", exact=False)
+
+
+def test_bad_setups_fail_before_training(setup, tmp_path):
+    _, base, seqs = setup
+    with pytest.raises(LongctxError, match=r"12 sequences, but 7 steps x 2 .* need 14"):
+        run(tmp_path, base, seqs, make_params(steps=7, batch_size=2))
+    shrinking = make_params().model_copy(update={"stages": validate_params({"stages": {
+        "base_length": 32, "schedule": [{"length": 64}, {"length": 48}]}}).stages})
+    with pytest.raises(ConfigError, match=r"stages.schedule\[1\].length: 48 must exceed"):
+        run(tmp_path, base, seqs, shrinking)
+    with pytest.raises(LongctxError, match="longctx_manifest.json: not found"):
+        run(tmp_path, base, seqs, make_params(), stage=1)  # stage 1 from the base: no stage 0
+    long = write_sequences(tmp_path / "long.parquet", length=100)
+    with pytest.raises(LongctxError, match="exceeds the stage length 64"):
+        run(tmp_path, base, long, make_params())
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_train_like_one_accumulating(setup):
+    """`train.processes: 2` relaunches `longctx train` under torchrun (gloo on CPU); its
+    update equals one process accumulating the same two sequences per step."""
+    tmp_path, base, seqs = setup
+    run(tmp_path, base, seqs, make_params(steps=2, grad_accum=2), "one")
+    params = make_params(steps=2, processes=2).model_dump(mode="json")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "longctx.cli", "--params", str(params_file), "train",
+         "--stage", "0", "--base", str(base), "--init", str(base), "--sequences", str(seqs),
+         "--out", str(out / "model"), "--live", str(out / "live"),
+         "--checkpoints", str(out / "checkpoints")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    assert_same(tmp_path / "one" / "model", out / "model", exact=False)
+
+
+def test_launcher_relaunches_only_when_asked(monkeypatch, root):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from longctx.train.launch import launcher
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", "--stage", "0"]
+    assert launcher(TrainConfig(), argv) is None
+    torchrun = launcher(TrainConfig(processes=2), argv)
+    assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             "2"] and torchrun[-5:] == ["-m", "longctx.cli", *argv]
+    monkeypatch.chdir(root)
+    for name in ("single", "ddp", "fsdp2"):
+        config = f"configs/accelerate/{name}.yaml"
+        load_config_from_file(config)  # accelerate itself accepts the file
+        command = launcher(TrainConfig(accelerate_config=config), argv)
+        assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", config]
+    with pytest.raises(ConfigError, match="train.accelerate_config: nowhere.yaml not found"):
+        launcher(TrainConfig(accelerate_config="nowhere.yaml"), argv)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already launched: train here
+    assert launcher(TrainConfig(processes=2), argv) is None

@@ -1,0 +1,60 @@
+# The training half: per stage, pack the synthesized data to the stage's length, then train
+# from the previous stage's weights. One pack and one train_stage job per entry of
+# stages.schedule (the DAG follows the params: `longctx profile` regenerates dvc.yaml).
+STAGES = stage_indices(config)
+
+
+def initial_weights(wildcards):
+    k = int(wildcards.k)
+    return rules.base_model.output.model if k == 0 else f"models/stage-{k - 1}"
+
+
+rule pack:
+    input:
+        model=rules.base_model.output.model,
+        docs=rules.corpus.output.docs,
+        instructions=rules.instructions.output.instructions,
+        retrieved=rules.retrieve.output.retrieved,
+        summaries=rules.summarize.output.summaries,
+        responses=rules.respond.output.responses,
+        long_output=rules.long_output.output.long_output,
+        index=rules.index.output.index,
+        embeddings=rules.embed.output.embeddings,
+        code=code("pack.py", "tokens.py", "synth/prompts.py", "synth/tables.py",
+                  "retrieval/search.py"),
+    output:
+        sequences="data/pack/stage-{k}/sequences.parquet",
+        metrics="data/pack/stage-{k}/stats.json",
+    params:
+        **sections(config, "pack", "stages", "seed"),
+    wildcard_constraints:
+        k=r"\d+",
+    shell:
+        "longctx pack --stage {wildcards.k} --model {input.model} --docs {input.docs} "
+        "--instructions {input.instructions} --retrieved {input.retrieved} "
+        "--summaries {input.summaries} --responses {input.responses} "
+        "--long-output {input.long_output} --index {input.index} "
+        "--embeddings {input.embeddings} --out {output.sequences} --stats {output.metrics}"
+
+
+rule train_stage:
+    input:
+        base=rules.base_model.output.model,
+        init=initial_weights,
+        sequences=rules.pack.output.sequences,
+        code=code("train", "pack.py"),
+    output:
+        model=directory("models/stage-{k}"),
+        metrics="results/train/stage-{k}/metrics.json",
+        plots=directory("results/train/stage-{k}/plots"),
+    params:
+        **sections(config, "train", "stages", "seed"),
+    wildcard_constraints:
+        k=r"\d+",
+    threads: workflow.cores
+    resources:
+        gpu=1,  # a cluster executor (workflow/profiles/slurm) asks for one GPU per job
+    shell:
+        "longctx train --stage {wildcards.k} --base {input.base} --init {input.init} "
+        "--sequences {input.sequences} --out {output.model} "
+        "--live results/train/stage-{wildcards.k} --checkpoints checkpoints/stage-{wildcards.k}"
