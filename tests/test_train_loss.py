@@ -36,8 +36,8 @@ def test_value_and_gradients_equal_the_full_cross_entropy(chunk):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_only_one_chunk_of_logits_is_ever_saved_for_backward():
-    """With checkpointing, autograd keeps the inputs of each chunk, never its logits."""
+def test_no_logits_are_ever_saved_for_backward():
+    """Autograd keeps the gradients w.r.t. hidden states and weight, never a chunk's logits."""
     hidden, weight, labels = problem(tokens=64, vocab=500)
     saved = []
 
@@ -47,8 +47,7 @@ def test_only_one_chunk_of_logits_is_ever_saved_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=16)
-    assert saved  # the chunks' inputs are kept for the recomputation ...
-    assert not [s for s in saved if s[-1] == 500]  # ... but no [tokens, vocab] logits
+    assert sorted(saved) == [(128, 16), (500, 16)]  # [tokens, d] and [vocab, d] only
     loss.backward()
     assert hidden.grad is not None and weight.grad is not None
 
@@ -68,3 +67,19 @@ def test_mismatched_shapes_and_bad_chunk_are_refused():
         chunked_cross_entropy(hidden, weight, labels[:, :-1])
     with pytest.raises(ValueError, match="chunk_tokens must be positive"):
         chunked_cross_entropy(hidden, weight, labels, chunk_tokens=0)
+
+
+def test_gradients_follow_the_upstream_scale_and_mixed_dtypes():
+    """The loop backpropagates total * world / tokens; under bf16 autocast the hidden states
+    are bf16 while the weight stays fp32: each gradient comes back in its tensor's dtype."""
+    hidden, weight, labels = problem()
+    ref_grads = torch.autograd.grad(full(hidden, weight, labels) * 0.25, [hidden, weight])
+    loss, _ = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=7)
+    for got, want in zip(torch.autograd.grad(loss * 0.25, [hidden, weight]), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    w32 = weight.detach().float().requires_grad_()
+    loss, _ = chunked_cross_entropy(h16, w32, labels, chunk_tokens=7)
+    loss.backward()
+    assert h16.grad.dtype == torch.bfloat16 and w32.grad.dtype == torch.float32
+    torch.testing.assert_close(w32.grad, ref_grads[1].float() * 4, rtol=0.05, atol=0.05)
