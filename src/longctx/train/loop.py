@@ -41,7 +41,7 @@ from longctx.errors import LongctxError
 from longctx.llm.base import derive_seed
 from longctx.train import checkpoint
 from longctx.train.data import Packed, collate
-from longctx.train.loss import chunked_cross_entropy
+from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy
 from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule, stage_config
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
             batches: list[Packed] = [
                 collate([sequences.samples(i) for i in _batch_indices(step, m, rank, cfg, world)],
                         cfg.attention, pad_id, mask_dtype) for m in range(cfg.grad_accum)]
-            counts = torch.tensor([sum(int((b.targets != -100).sum()) for b in batches),
+            counts = torch.tensor([sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches),
                                    sum(int((b.segments >= 0).sum()) for b in batches)],
                                   device=accelerator.device)
             learnt, tokens = (int(x) for x in accelerator.reduce(counts, "sum"))
