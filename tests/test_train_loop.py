@@ -228,3 +228,22 @@ def test_launcher_relaunches_only_when_asked(monkeypatch, root):
         launcher(TrainConfig(accelerate_config="nowhere.yaml"), argv)
     monkeypatch.setenv("WORLD_SIZE", "2")  # already launched: train here
     assert launcher(TrainConfig(processes=2), argv) is None
+
+
+def test_a_checkpoint_of_other_inputs_is_never_resumed(setup):
+    """Same directories, another learning rate: the old run's state is left out (and cleared)."""
+    tmp_path, base, seqs = setup
+
+    def crash(step):
+        if step == 3:  # after the step-2 checkpoint
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run(tmp_path, base, seqs, make_params(steps=4), "a", on_step=crash)
+    stale = list((tmp_path / "a" / "checkpoints").iterdir())
+    assert stale
+    resumed = []
+    run(tmp_path, base, seqs, make_params(steps=4, lr=1e-3), "a", on_step=resumed.append)
+    assert resumed == [1, 2, 3, 4] and not any(p.exists() for p in stale)
+    run(tmp_path, base, seqs, make_params(steps=4, lr=1e-3), "b")
+    assert_same(tmp_path / "a" / "model", tmp_path / "b" / "model")

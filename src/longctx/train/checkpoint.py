@@ -3,9 +3,9 @@
 A checkpoint is a directory `checkpoints/stage-<k>/<run>/step-<n>/` holding Accelerate's
 state (weights, optimizer moments, every process's RNG states) and `trainer.json` (the step,
 the data position, the logged history). `<run>` is a fingerprint of everything the stage's
-result depends on (params, schedule, training data, initial weights), so a stage rerun with
-other inputs never resumes from a stale state. Checkpoints are written under a temporary name
-and renamed when complete: a kill while saving leaves the previous checkpoint usable.
+result depends on (params, schedule, training data, initial weights, the training code), so a
+stage rerun with other inputs never resumes from a stale state. Checkpoints are written under
+a temporary name and renamed when complete: a kill while saving leaves the previous one usable.
 """
 
 from __future__ import annotations

@@ -277,7 +277,8 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
         "stage": stage_cfg.model_dump(mode="json"), "planned": planned.__dict__,
         "rope_scaling": params.stages.rope_scaling, "seed": params.seed, "world": world,
         "sequences": repro.sha256_file(sequences_path),
-        "init": _identity(Path(init_dir))})
+        "init": _identity(Path(init_dir)),
+        "code": {f.name: repro.sha256_file(f) for f in sorted(Path(__file__).parent.glob("*.py"))}})
     run_dir = Path(checkpoint_root) / run
     set_seed(derive_seed(params.seed, "train", stage) % 2**32)
 
