@@ -331,18 +331,18 @@ class LongOutputConfig(Decoding):
                                                                        "max_tokens"))
 
 
-Fraction = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(ge=0)]
 
 
 class Mixture(Section):
     """Shares of a stage's sequences by sample kind (normalised; each sequence is about the
     stage's length, so these are also shares of tokens)."""
 
-    long: Fraction = Field(default=0.6, description="instruction + retrieved documents -> "
+    long: Share = Field(default=0.6, description="instruction + retrieved documents -> "
                            "response (loss on all tokens)")
-    long_output: Fraction = Field(default=0.2, description="writing instruction -> long "
+    long_output: Share = Field(default=0.2, description="writing instruction -> long "
                                   "document (loss on all tokens)")
-    short: Fraction = Field(default=0.2, description="short instruction data, several per "
+    short: Share = Field(default=0.2, description="short instruction data, several per "
                             "sequence (loss on the answer only)")
 
     @model_validator(mode="after")
