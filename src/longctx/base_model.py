@@ -88,13 +88,22 @@ def prepare_base_model(cfg: BaseModelConfig, out_dir: Path) -> dict[str, Any]:
     import torch
 
     model = model.to(getattr(torch, cfg.dtype))
+    return write_model_dir(out_dir, model, tokenizer, cfg.dtype, {"source": source})
+
+
+def write_model_dir(out_dir: Path, model: Any, tokenizer: Any, dtype: str,
+                    extra: dict[str, Any], state_dict: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Save a model (or `state_dict` in its layout) as safetensors with its tokenizer, chat
+    template and a manifest (what it is, every file's sha256), atomically: the one model-dir
+    format every later step loads, for the base model and each trained stage alike."""
     config = model.config
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         manifest = {
-            "source": source,
-            "dtype": cfg.dtype,
+            **extra,
+            "dtype": dtype,
             "architecture": (config.architectures or [type(model).__name__])[0],
             "parameters": sum(p.numel() for p in model.parameters()),
             "max_position_embeddings": getattr(config, "max_position_embeddings", None),

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from longctx import repro
+from longctx.base_model import MANIFEST, write_model_dir
 from longctx.config import Params, StagesConfig, TrainConfig
 from longctx.errors import LongctxError
 from longctx.llm.base import derive_seed
@@ -46,7 +47,6 @@ from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule, stage
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "longctx_manifest.json"
 
 
 class TrainingInterrupted(LongctxError):
@@ -390,21 +390,11 @@ def _save_model(accelerator: Any, model: nn.Module, tokenizer: Any, out_dir: Pat
     weights = {name.removeprefix("lm."): t.to(dtype) for name, t in state.items()}
     lm.config.dtype = dtype
     lm.config.use_cache = True
-    with repro.atomic_path(out_dir) as tmp:
-        lm.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        manifest = {
-            "architecture": type(lm).__name__, "dtype": params.train.save_dtype,
-            "parameters": sum(p.numel() for p in lm.parameters()),
-            "max_position_embeddings": planned.length,
-            "rope_parameters": dict(lm.config.rope_parameters),
-            "stage": {"index": stage, "length": planned.length,
-                      "rope_theta": planned.rope_theta, "derived": planned.derived},
-            "trained_from": {"dir": str(init_dir), "identity": _identity(init_dir)},
-            "steps": summary["steps"], "learnt_tokens": summary["tokens"],
-            "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
-            "files": repro.sha256_dir(tmp),
-        }
-        repro.write_json(tmp / MANIFEST, manifest)
+    write_model_dir(out_dir, lm, tokenizer, params.train.save_dtype, {
+        "stage": {"index": stage, "length": planned.length, "rope_theta": planned.rope_theta,
+                  "derived": planned.derived},
+        "trained_from": {"dir": str(init_dir), "identity": _identity(init_dir)},
+        "steps": summary["steps"], "learnt_tokens": summary["tokens"],
+    }, state_dict=weights)
     accelerator.wait_for_everyone()
     log.info("stage %d: model -> %s", stage, out_dir)
