@@ -696,6 +696,11 @@ class SequenceTable:
     def __iter__(self) -> Iterator[Sequence]:
         return (self[i] for i in range(len(self)))
 
+    def longest(self) -> int:
+        """Tokens of the longest sequence, from the small sample_lengths column alone."""
+        lengths = self._file.read(columns=["sample_lengths"])["sample_lengths"].to_pylist()
+        return max(map(sum, lengths), default=0)
+
     def sample_ids(self, i: int) -> list[str]:
         return self._row(i)["sample_ids"]
 

@@ -165,10 +165,7 @@ def _check_data(sequences: Any, path: Path, planned: ScheduledStage, steps: int,
             f"{path}: {len(sequences)} sequences, but {steps} steps x {per_step} sequences per "
             f"step (batch_size x grad_accum x processes) need {need}; set {key}.sequences "
             f"to at least {need} (samples repeat) or lower {key}.steps")
-    import pyarrow.parquet as pq
-
-    lengths = pq.read_table(path, columns=["sample_lengths"])["sample_lengths"].to_pylist()
-    longest = max(map(sum, lengths), default=0)
+    longest = sequences.longest()
     if longest > planned.length:
         raise LongctxError(f"{path}: a sequence of {longest} tokens exceeds the stage length "
                            f"{planned.length} (repack: rerun the pack step)")
