@@ -8,6 +8,7 @@ include: "workflow/rules/corpus.smk"
 include: "workflow/rules/retrieval.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/eval.smk"
 
 
 rule all:
@@ -15,4 +16,5 @@ rule all:
         rules.respond.output.responses,
         rules.long_output.output.long_output,
         expand(rules.train_stage.output.model, k=STAGES),
+        rules.report.output.report,
     default_target: True

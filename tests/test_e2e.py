@@ -1,5 +1,5 @@
-"""The DAG so far (data, synthesis and training halves), for real, on the micro profile with the
-bundled models.
+"""The whole DAG (data, synthesis, training and evaluation), for real, on the micro profile with
+the bundled models.
 
 Two from-scratch runs in two fresh checkouts, one by Snakemake and one by DVC, each with its
 own call cache, must produce byte-identical artifacts; each tool must then see the other's
@@ -8,6 +8,7 @@ work as up to date, and a `dvc exp run -S index...` must rerun only what the cha
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.e2e
 PROJECT_FILES = ["Snakefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".gitignore",
                  ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
 PROJECT_DIRS = ["workflow", "src", "configs"]
-ARTIFACTS = ["models", "data"]
+ARTIFACTS = ["models", "data", "results/eval", "results/plots"]  # not the training logs' timings
+MODELS = ["base", "stage-0", "stage-1"]
 
 
 def run(cwd: Path, *cmd: str) -> str:
@@ -80,12 +82,17 @@ def by_dvc(origin, tmp_path_factory) -> tuple[Path, str]:
 
 
 STAGES = ["base_model", "corpus", "embed", "index", "instructions", "retrieve", "summarize",
-          "respond", "long_output", "pack-0", "pack-1", "train_stage-0", "train_stage-1"]
+          "respond", "long_output", "pack-0", "pack-1", "train_stage-0", "train_stage-1",
+          "niah_samples", "ruler_samples", "report"] + [
+          f"eval_{kind}-{model}" for kind in ("niah", "ruler", "lmeval") for model in MODELS]
 EDGES = [("base_model", "corpus"), ("corpus", "embed"), ("embed", "index"),
          ("corpus", "instructions"), ("instructions", "retrieve"), ("index", "retrieve"),
          ("retrieve", "summarize"), ("summarize", "respond"), ("corpus", "long_output"),
          ("respond", "pack-0"), ("long_output", "pack-1"), ("pack-0", "train_stage-0"),
-         ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1")]
+         ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1"),
+         ("niah_samples", "eval_niah-base"), ("ruler_samples", "eval_ruler-stage-0"),
+         ("train_stage-0", "eval_niah-stage-0"), ("train_stage-1", "eval_lmeval-stage-1"),
+         ("eval_ruler-stage-1", "report"), ("eval_niah-base", "report")]
 
 
 def test_snakemake_builds_the_whole_dag(by_snakemake):
@@ -182,3 +189,25 @@ def test_base_model_is_a_working_chat_model(by_snakemake):
         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+def test_every_model_is_scored_reported_and_plotted(by_snakemake):
+    """micro: NIAH 512/1024 x depths 0/100, three RULER tasks at 512, the cloze through lm-eval,
+    for the base model and both stages; dvc shows every score and renders every plot."""
+    metrics = json.loads((by_snakemake / "results/eval/metrics.json").read_text())
+    assert list(metrics) == MODELS
+    expected = {"niah", "niah@512", "niah@1024", "ruler@512", "lmeval/longctx_cloze/acc"} | {
+        f"ruler/{task}@512" for task in ("niah_single_1", "vt", "qa_1")}
+    for scores in metrics.values():
+        assert expected <= set(scores), scores
+        assert all(0 <= v <= 100 for v in scores.values())
+    shown = json.loads(run(by_snakemake, "dvc", "metrics", "show", "--json"))
+    workspace = shown["workspace"]["data"]["results/eval/metrics.json"]["data"]
+    assert workspace == metrics
+    run(by_snakemake, "dvc", "plots", "show", "-o", "dvc_plots")
+    static = {p.name for p in (by_snakemake / "dvc_plots" / "static").iterdir()}
+    assert {f"workspace_results_plots_niah-{m}.png" for m in MODELS} <= static
+    page = (by_snakemake / "dvc_plots" / "index.html").read_text()
+    assert "ruler_curve" in page and "results/train/stage-1/plots" in page
+    report = (by_snakemake / "results/report.html").read_text()
+    assert all(m in report for m in MODELS) and report.count("data:image/png;base64") == 5

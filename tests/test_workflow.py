@@ -26,12 +26,17 @@ def test_every_stage_runs_its_own_longctx_step(exported):
     order = list(stages)  # a dependency order
     assert sorted(order) == sorted(["base_model", "corpus", "embed", "index", "instructions",
                                     "retrieve", "summarize", "respond", "long_output",
-                                    "pack-0", "pack-1", "train_stage-0", "train_stage-1"])
+                                    "pack-0", "pack-1", "train_stage-0", "train_stage-1",
+                                    "niah_samples", "ruler_samples", "report"]
+                                   + [f"eval_{kind}-{model}" for kind in ("niah", "ruler", "lmeval")
+                                      for model in ("base", "stage-0", "stage-1")])
     for first, then in [("base_model", "corpus"), ("corpus", "embed"), ("embed", "index"),
                         ("index", "retrieve"), ("instructions", "retrieve"),
                         ("retrieve", "summarize"), ("summarize", "respond"),
                         ("respond", "pack-0"), ("pack-0", "train_stage-0"),
-                        ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1")]:
+                        ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1"),
+                        ("niah_samples", "eval_niah-base"), ("train_stage-1", "eval_ruler-stage-1"),
+                        ("eval_lmeval-stage-1", "report"), ("train_stage-1", "report")]:
         assert order.index(first) < order.index(then)
     commands = {"train_stage": "train"}  # one stage per job: the rule name, then a wildcard
     for name, stage in stages.items():
@@ -49,6 +54,18 @@ def test_every_stage_runs_its_own_longctx_step(exported):
     assert stages["train_stage-1"]["params"] == ["seed", "stages", "train"]
     assert "models/stage-0" in stages["train_stage-1"]["deps"]  # from the previous weights
     assert stages["train_stage-1"]["plots"] == ["results/train/stage-1/plots"]
+    assert stages["ruler_samples"]["params"] == ["ruler", "seed"]
+    assert stages["eval_ruler-stage-0"]["params"] == ["eval"]
+    assert "models/stage-0" in stages["eval_ruler-stage-0"]["deps"]
+    assert stages["report"]["metrics"] == ["results/eval/metrics.json"]
+    assert stages["report"]["plots"] == ["results/plots"]
+
+
+def test_dvc_plots_draw_ruler_against_length_one_line_per_model(exported):
+    [curve] = yaml.safe_load(exported)["plots"]
+    spec = curve["results/eval/ruler_curve.tsv"]
+    assert spec["x"] == "length"
+    assert spec["y"] == {"results/eval/ruler_curve.tsv": ["base", "stage-0", "stage-1"]}
 
 
 def test_snakemake_refuses_config_overrides():

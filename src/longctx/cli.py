@@ -145,6 +145,62 @@ def cmd_train(args: argparse.Namespace) -> None:
              summary["final_loss"], args.out)
 
 
+def cmd_niah_samples(args: argparse.Namespace) -> None:
+    from longctx.eval.data import build_niah
+
+    params = _params(args)
+    stats = build_niah(params.niah, params.seed, args.model, args.docs, args.out)
+    log.info("niah-samples: %d samples over %d lengths -> %s", stats["samples"],
+             stats["lengths"], args.out)
+
+
+def cmd_ruler_samples(args: argparse.Namespace) -> None:
+    from longctx.eval.data import build_ruler
+
+    params = _params(args)
+    stats = build_ruler(params.ruler, params.seed, args.model, args.docs, args.out)
+    log.info("ruler-samples: %d samples (%d tasks x %d lengths) -> %s", stats["samples"],
+             stats["tasks"], stats["lengths"], args.out)
+
+
+def _evaluate(kind: str, args: argparse.Namespace) -> None:
+    from longctx.eval.run import evaluate
+
+    result = evaluate(kind, args.name, args.model, args.samples, _params(args).eval, args.out,
+                      args.csv)
+    summary = ", ".join(f"{k} {v:.1f}" for k, v in result["scores"].items() if "/" not in k)
+    log.info("eval-%s %s: %s -> %s", kind, args.name, summary, args.out)
+
+
+def cmd_eval_niah(args: argparse.Namespace) -> None:
+    _evaluate("niah", args)
+
+
+def cmd_eval_ruler(args: argparse.Namespace) -> None:
+    _evaluate("ruler", args)
+
+
+def cmd_eval_lmeval(args: argparse.Namespace) -> None:
+    from longctx.eval.lmeval import evaluate_lmeval
+
+    params = _params(args)
+    result = evaluate_lmeval(args.name, args.model, args.docs, args.ruler, params.lmeval,
+                             params.eval, params.seed, args.out)
+    log.info("eval-lmeval %s: %s -> %s", args.name,
+             ", ".join(f"{k} {v:.3f}" for k, v in result["scores"].items()), args.out)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from longctx.eval.report import build_report
+
+    metrics = build_report(args.models, args.niah, args.ruler, args.lmeval, args.train,
+                           args.train_plots, args.metrics, args.curves, args.plots, args.report)
+    for model, scores in metrics.items():
+        log.info("report: %s: %s", model, ", ".join(
+            f"{k} {v:.3g}" for k, v in scores.items() if k.count("/") != 1))
+    log.info("report: -> %s", args.report)
+
+
 def cmd_show(args: argparse.Namespace) -> None:
     from longctx.synth.show import show
 
@@ -288,6 +344,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the stage's model dir")
     p.add_argument("--live", type=Path, required=True, help="dvclive dir (metrics, plots)")
     p.add_argument("--checkpoints", type=Path, required=True, help="resumable state")
+
+    for name, func, what in (("niah-samples", cmd_niah_samples, "the needle-in-a-haystack "
+                              "grid (lengths x depths)"),
+                             ("ruler-samples", cmd_ruler_samples, "the RULER tasks")):
+        p = add(name, func, f"rule {name.replace('-', '_')}: {what}, sized in the base "
+                "model's tokenizer (cached per task and length)")
+        p.add_argument("--model", type=Path, required=True, help="the base model dir")
+        p.add_argument("--docs", type=Path, required=True, help="corpus docs.parquet")
+        p.add_argument("--out", type=Path, required=True, help="samples parquet")
+
+    for name, func, what in (("eval-niah", cmd_eval_niah, "the NIAH grid"),
+                             ("eval-ruler", cmd_eval_ruler, "the RULER tasks")):
+        p = add(name, func, f"rule {name.replace('-', '_')}: one model answers {what}; "
+                "scores per length (percent)")
+        p.add_argument("--name", required=True, help="the model's name in results (base, "
+                       "stage-0, ...)")
+        p.add_argument("--model", type=Path, required=True, help="model dir")
+        p.add_argument("--samples", type=Path, required=True, help="samples parquet")
+        p.add_argument("--out", type=Path, required=True, help="results json")
+        p.add_argument("--csv", type=Path, default=None, help="every answer as csv")
+
+    p = add("eval-lmeval", cmd_eval_lmeval, "rule eval_lmeval: one model through "
+            "lm-eval-harness (the shipped tasks offline, standard ones with hub access)")
+    p.add_argument("--name", required=True, help="the model's name in results")
+    p.add_argument("--model", type=Path, required=True, help="model dir")
+    p.add_argument("--docs", type=Path, required=True, help="corpus (longctx_cloze)")
+    p.add_argument("--ruler", type=Path, default=None, help="RULER samples (longctx_ruler)")
+    p.add_argument("--out", type=Path, required=True, help="results json")
+
+    p = add("report", cmd_report, "rule report: every score in one metrics file, NIAH "
+            "heatmaps, RULER curves, training loss and one HTML page")
+    p.add_argument("--models", nargs="+", required=True, help="model names, in order")
+    for kind in ("niah", "ruler", "lmeval"):
+        p.add_argument(f"--{kind}", nargs="+", type=Path, required=True,
+                       help=f"each model's {kind} results json, in --models order")
+    p.add_argument("--train", nargs="*", type=Path, default=[], help="stage metrics.json")
+    p.add_argument("--train-plots", nargs="*", type=Path, default=[], help="stage plots dirs")
+    p.add_argument("--metrics", type=Path, required=True, help="the flat metrics json")
+    p.add_argument("--curves", type=Path, required=True, help="RULER vs length table (tsv)")
+    p.add_argument("--plots", type=Path, required=True, help="figures directory")
+    p.add_argument("--report", type=Path, required=True, help="the HTML page")
 
     p = add("show", cmd_show, "print an instruction, its documents, summaries and response")
     p.add_argument("instruction_id", help="an id from data/synth/instructions.parquet "

@@ -8,7 +8,8 @@ an unknown key or a bad value is rejected with the key's path and the reason bef
 Sections map one-to-one onto DAG rules (DESIGN.md section 2), and each rule reads only its own
 section, so Snakemake and DVC rerun exactly what a change touches. Sections of the training and
 evaluation halves are `stages` (the progressive schedule that `pack` and `train` both read),
-`pack` and `train`; `eval` is added with the rules that read it.
+`pack` and `train`; the evaluation half's are `eval` (how models generate), `niah`, `ruler`
+and `lmeval`.
 """
 
 from __future__ import annotations
@@ -480,6 +481,69 @@ class TrainConfig(Section):
     log_every: PositiveInt = Field(default=1, description="log loss, lr, tokens/s every N steps")
 
 
+RULER_TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
+               "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt",
+               "cwe", "fwe", "qa_1", "qa_2"]
+EvalLengths = Annotated[list[Annotated[int, Field(ge=128)]], Field(min_length=1)]
+
+
+class EvalConfig(Section):
+    """How every model (models/base and each stage) generates its answers: greedy, batched
+    by length, through the chat template with the task's answer prefix."""
+
+    batch_size: PositiveInt = Field(default=8, description="prompts per generate call")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="device")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
+
+
+class NiahConfig(Section):
+    lengths: EvalLengths = Field(
+        default=[4096, 8192, 16384, 32768], description="context lengths of the grid (tokens, "
+        "prompt + answer)"
+    )
+    depths: Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=1)] = Field(
+        default=[0, 25, 50, 75, 100], description="needle depths, percent of the haystack"
+    )
+    trials: PositiveInt = Field(default=2, description="needles (random key/value) per cell")
+    max_new_tokens: PositiveInt = Field(
+        default=16, description="tokens generated per answer (a 7-digit value needs about 9)"
+    )
+
+
+class RulerConfig(Section):
+    tasks: Annotated[list[Literal[tuple(RULER_TASKS)]], Field(min_length=1)] = Field(
+        default=RULER_TASKS, description="RULER tasks to run (all 13 by default)"
+    )
+    lengths: EvalLengths = Field(
+        default=[4096, 8192, 16384, 32768], description="sequence lengths (prompt + answer)"
+    )
+    samples: PositiveInt = Field(default=25, description="samples per task and length")
+    squad_path: str | None = Field(
+        default=None, description="qa_1 from a SQuAD v2 json file (default: cloze questions "
+        "built from the corpus, other paragraphs as distractors)"
+    )
+    hotpotqa_path: str | None = Field(
+        default=None, description="qa_2 from a HotpotQA dev-distractor json file (default: "
+        "built from the corpus)"
+    )
+
+
+class LmevalConfig(Section):
+    tasks: list[str] = Field(
+        default=["longctx_cloze"], description="lm-eval tasks: the shipped longctx_cloze "
+        "(short-context regression) and longctx_ruler (our RULER samples through lm-eval), or "
+        "standard task names (ifeval, mmlu_pro, bbh, ...) where the hub is reachable"
+    )
+    cloze_samples: PositiveInt = Field(default=200, description="longctx_cloze questions")
+    limit: PositiveInt | None = Field(default=None, description="at most this many per task")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="few-shot examples (None: each task's default)"
+    )
+    batch_size: PositiveInt = Field(default=8, description="lm-eval batch size")
+
+
 class Params(Section):
     seed: int = Field(default=1234, description="global seed: sampling, training, index build")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -495,6 +559,10 @@ class Params(Section):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    niah: NiahConfig = Field(default_factory=NiahConfig)
+    ruler: RulerConfig = Field(default_factory=RulerConfig)
+    lmeval: LmevalConfig = Field(default_factory=LmevalConfig)
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

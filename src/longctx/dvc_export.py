@@ -3,7 +3,9 @@
 One DVC stage per Snakemake job: `cmd` is the rule's shell command with its paths filled in,
 `deps` its inputs (upstream artifacts and its source modules), `params` the params sections it
 passes, `outs` its outputs. Outputs named `metrics*` or `plots*` in the rule become DVC
-metrics or plots. The stage runs exactly its own rule's command, never upstream work.
+metrics or plots; an output named `curves*` (a table of score vs length, one column per
+evaluated model) becomes a top-level plot drawing one line per model. The stage runs exactly
+its own rule's command, never upstream work.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def _stage(job: Any) -> dict[str, Any]:
         kind = next((k for k in ("metrics", "plots") if name.startswith(k)), "outs")
         stage.setdefault(kind, []).append(path)
     return stage
+
+
+def _curves(job: Any, models: list[str]) -> list[dict[str, Any]]:
+    return [{str(path): {"template": "linear", "x": "length", "y": {str(path): models},
+                         "title": "RULER average vs length, per model",
+                         "x_label": "length (tokens)", "y_label": "score (%)"}}
+            for name, path in job.output.items() if name.startswith("curves")]
 
 
 def snakemake_jobs(snakefile: Path, params_file: Path) -> list[Any]:
@@ -80,7 +89,15 @@ def snakemake_jobs(snakefile: Path, params_file: Path) -> list[Any]:
 
 def export_dvc_yaml(snakefile: Path, params_file: Path) -> str:
     """The text of `dvc.yaml` for the DAG defined by `snakefile`."""
+    from longctx.workflow import eval_models
+
+    models = eval_models(yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {})
     stages: dict[str, Any] = {}
+    plots: list[dict[str, Any]] = []
     for job in snakemake_jobs(Path(snakefile), Path(params_file)):
         stages[_stage_name(job)] = _stage(job)
-    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)
+        plots += _curves(job, models)
+    document: dict[str, Any] = {"stages": stages}
+    if plots:
+        document["plots"] = plots
+    return HEADER + yaml.safe_dump(document, sort_keys=False, width=100)

@@ -34,6 +34,25 @@ def stage_indices(config: dict[str, Any]) -> list[int]:
     return list(range(len(validate_params(config, "params.yaml").stages.schedule)))
 
 
+def eval_models(config: dict[str, Any]) -> list[str]:
+    """The evaluated models, in order: the base model, then every stage (`base`, `stage-<k>`)."""
+    return ["base"] + [f"stage-{k}" for k in stage_indices(config)]
+
+
+def model_dir(name: str) -> str:
+    """Where an evaluated model's weights live (the outputs of base_model and train_stage)."""
+    return "models/base" if name == "base" else f"models/{name}"
+
+
+def lmeval_samples(config: dict[str, Any], ruler_samples: str) -> dict[str, str]:
+    """eval_lmeval's RULER samples input, only when lmeval.tasks lists longctx_ruler (so new
+    RULER samples do not rerun lm-eval for nothing)."""
+    from longctx.config import validate_params
+
+    tasks = validate_params(config, "params.yaml").lmeval.tasks
+    return {"ruler": ruler_samples} if "longctx_ruler" in tasks else {}
+
+
 def check_config(config: dict[str, Any], params_file: str | Path) -> None:
     """Refuse `--config`/`--configfile` overrides: the steps read `params_file` themselves,
     and DVC tracks that file, so a value that lives only in Snakemake's memory would make

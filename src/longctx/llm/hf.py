@@ -84,6 +84,8 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
 def render_chat(tokenizer: Any, chat: Chat) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise LongctxError(f"llm.model: tokenizer {tokenizer.name_or_path!r} has no chat template")
+    if chat and chat[-1]["role"] == "assistant":  # an answer prefix: the model continues it
+        return tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 

@@ -1,0 +1,120 @@
+# The evaluation half: samples are generated once (the base model's tokenizer serves every
+# model), then each model (base, stage-<k>) answers the NIAH grid and the RULER tasks and runs
+# lm-eval; `report` gathers every score into one metrics file, plots and an HTML page.
+EVAL_MODELS = eval_models(config)
+
+
+rule niah_samples:
+    input:
+        model=rules.base_model.output.model,
+        docs=rules.corpus.output.docs,
+        code=code("eval/data.py", "eval/samples.py", "eval/niah.py", "eval/ruler"),
+    output:
+        samples="data/eval/niah.parquet",
+    params:
+        **sections(config, "niah", "seed"),
+    shell:
+        "longctx niah-samples --model {input.model} --docs {input.docs} --out {output.samples}"
+
+
+rule ruler_samples:
+    input:
+        model=rules.base_model.output.model,
+        docs=rules.corpus.output.docs,
+        code=code("eval/data.py", "eval/samples.py", "eval/ruler"),
+    output:
+        samples="data/eval/ruler.parquet",
+    params:
+        **sections(config, "ruler", "seed"),
+    shell:
+        "longctx ruler-samples --model {input.model} --docs {input.docs} --out {output.samples}"
+
+
+def evaluated_model(wildcards):
+    return model_dir(wildcards.model)
+
+
+rule eval_niah:
+    input:
+        model=evaluated_model,
+        samples=rules.niah_samples.output.samples,
+        code=code("eval/run.py", "eval/score.py", "eval/samples.py", "llm"),
+    output:
+        results="results/eval/{model}/niah.json",
+        table="results/eval/{model}/niah.csv",
+    params:
+        **sections(config, "eval"),
+    wildcard_constraints:
+        model=r"base|stage-\d+",
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        "longctx eval-niah --name {wildcards.model} --model {input.model} "
+        "--samples {input.samples} --out {output.results} --csv {output.table}"
+
+
+rule eval_ruler:
+    input:
+        model=evaluated_model,
+        samples=rules.ruler_samples.output.samples,
+        code=code("eval/run.py", "eval/score.py", "eval/samples.py", "llm"),
+    output:
+        results="results/eval/{model}/ruler.json",
+        table="results/eval/{model}/ruler.csv",
+    params:
+        **sections(config, "eval"),
+    wildcard_constraints:
+        model=r"base|stage-\d+",
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        "longctx eval-ruler --name {wildcards.model} --model {input.model} "
+        "--samples {input.samples} --out {output.results} --csv {output.table}"
+
+
+LMEVAL_RULER = lmeval_samples(config, rules.ruler_samples.output.samples)
+
+
+rule eval_lmeval:
+    input:
+        model=evaluated_model,
+        docs=rules.corpus.output.docs,
+        **LMEVAL_RULER,
+        code=code("eval/lmeval.py", "eval/score.py", "eval/samples.py", "eval/tasks",
+                  "eval/tasks/longctx_cloze.yaml", "eval/tasks/longctx_ruler.yaml"),
+    output:
+        results="results/eval/{model}/lmeval.json",
+    params:
+        **sections(config, "lmeval", "eval", "seed"),
+    wildcard_constraints:
+        model=r"base|stage-\d+",
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        "longctx eval-lmeval --name {wildcards.model} --model {input.model} "
+        "--docs {input.docs} "
+        + ("--ruler {input.ruler} " if LMEVAL_RULER else "")
+        + "--out {output.results}"
+
+
+rule report:
+    input:
+        niah=expand(rules.eval_niah.output.results, model=EVAL_MODELS),
+        ruler=expand(rules.eval_ruler.output.results, model=EVAL_MODELS),
+        lmeval=expand(rules.eval_lmeval.output.results, model=EVAL_MODELS),
+        train=expand(rules.train_stage.output.metrics, k=STAGES),
+        train_plots=expand(rules.train_stage.output.plots, k=STAGES),
+        code=code("eval/report.py", "eval/plots.py"),
+    output:
+        metrics="results/eval/metrics.json",
+        curves="results/eval/ruler_curve.tsv",
+        plots=directory("results/plots"),
+        report="results/report.html",
+    shell:
+        "longctx report --models " + " ".join(EVAL_MODELS) + " --niah {input.niah} "
+        "--ruler {input.ruler} --lmeval {input.lmeval} --train {input.train} "
+        "--train-plots {input.train_plots} --metrics {output.metrics} "
+        "--curves {output.curves} --plots {output.plots} --report {output.report}"
