@@ -46,7 +46,8 @@ def test_the_bundled_model_finds_needles_a_random_model_does_not(bundled_model_d
     assert found["scores"]["niah"] >= 80, found["rows"]
     assert set(found["scores"]) == {"niah", "niah@512", "niah@1024"}
     assert json.loads((tmp_path / "base.json").read_text()) == found
-    assert len(pl.read_csv(tmp_path / "base.csv")) == 6
+    table = pl.read_csv(tmp_path / "base.csv")
+    assert len(table) == 6 and set(table["model"]) == {"base"}
 
     grid = niah_grid([1024], [0, 50, 100], 2, 7, ChatMeasure(tiny), sources)
     tasks = [s for task in ruler.TASKS

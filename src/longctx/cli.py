@@ -376,9 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report, "rule report: every score in one metrics file, NIAH "
             "heatmaps, RULER curves, training loss and one HTML page")
     p.add_argument("--models", nargs="+", required=True, help="model names, in order")
-    for kind in ("niah", "ruler", "lmeval"):
+    for kind in ("niah", "ruler"):
         p.add_argument(f"--{kind}", nargs="+", type=Path, required=True,
                        help=f"each model's {kind} results json, in --models order")
+    p.add_argument("--lmeval", nargs="*", type=Path, default=[],
+                   help="each model's lmeval results json (none when lmeval.tasks is empty)")
     p.add_argument("--train", nargs="*", type=Path, default=[], help="stage metrics.json")
     p.add_argument("--train-plots", nargs="*", type=Path, default=[], help="stage plots dirs")
     p.add_argument("--metrics", type=Path, required=True, help="the flat metrics json")

@@ -532,7 +532,8 @@ class RulerConfig(Section):
 
 class LmevalConfig(Section):
     tasks: list[str] = Field(
-        default=["longctx_cloze"], description="lm-eval tasks: the shipped longctx_cloze "
+        default=["longctx_cloze"], description="lm-eval tasks ([]: no lm-eval): the shipped "
+        "longctx_cloze "
         "(short-context regression) and longctx_ruler (our RULER samples through lm-eval), or "
         "standard task names (ifeval, mmlu_pro, bbh, ...) where the hub is reachable"
     )

@@ -44,13 +44,12 @@ def model_dir(name: str) -> str:
     return "models/base" if name == "base" else f"models/{name}"
 
 
-def lmeval_samples(config: dict[str, Any], ruler_samples: str) -> dict[str, str]:
-    """eval_lmeval's RULER samples input, only when lmeval.tasks lists longctx_ruler (so new
-    RULER samples do not rerun lm-eval for nothing)."""
+def lmeval_tasks(config: dict[str, Any]) -> list[str]:
+    """lmeval.tasks (its default when the section is left out): none means no eval_lmeval
+    jobs, and longctx_ruler makes the RULER samples an input of each."""
     from longctx.config import validate_params
 
-    tasks = validate_params(config, "params.yaml").lmeval.tasks
-    return {"ruler": ruler_samples} if "longctx_ruler" in tasks else {}
+    return validate_params(config, "params.yaml").lmeval.tasks
 
 
 def check_config(config: dict[str, Any], params_file: str | Path) -> None:

@@ -2,6 +2,7 @@
 # model), then each model (base, stage-<k>) answers the NIAH grid and the RULER tasks and runs
 # lm-eval; `report` gathers every score into one metrics file, plots and an HTML page.
 EVAL_MODELS = eval_models(config)
+LMEVAL_MODELS = EVAL_MODELS if lmeval_tasks(config) else []  # lmeval.tasks: [] skips lm-eval
 
 
 rule niah_samples:
@@ -74,7 +75,10 @@ rule eval_ruler:
         "--samples {input.samples} --out {output.results} --csv {output.table}"
 
 
-LMEVAL_RULER = lmeval_samples(config, rules.ruler_samples.output.samples)
+LMEVAL_RULER = (
+    {"ruler": rules.ruler_samples.output.samples}
+    if "longctx_ruler" in lmeval_tasks(config) else {}
+)
 
 
 rule eval_lmeval:
@@ -104,7 +108,7 @@ rule report:
     input:
         niah=expand(rules.eval_niah.output.results, model=EVAL_MODELS),
         ruler=expand(rules.eval_ruler.output.results, model=EVAL_MODELS),
-        lmeval=expand(rules.eval_lmeval.output.results, model=EVAL_MODELS),
+        lmeval=expand(rules.eval_lmeval.output.results, model=LMEVAL_MODELS),
         train=expand(rules.train_stage.output.metrics, k=STAGES),
         train_plots=expand(rules.train_stage.output.plots, k=STAGES),
         code=code("eval/report.py", "eval/plots.py"),
@@ -115,6 +119,7 @@ rule report:
         report="results/report.html",
     shell:
         "longctx report --models " + " ".join(EVAL_MODELS) + " --niah {input.niah} "
-        "--ruler {input.ruler} --lmeval {input.lmeval} --train {input.train} "
+        "--ruler {input.ruler} " + ("--lmeval {input.lmeval} " if LMEVAL_MODELS else "")
+        + "--train {input.train} "
         "--train-plots {input.train_plots} --metrics {output.metrics} "
         "--curves {output.curves} --plots {output.plots} --report {output.report}"

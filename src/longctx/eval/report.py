@@ -254,10 +254,12 @@ def build_report(models: list[str], niah: list[Path], ruler: list[Path], lmeval:
     from longctx.eval.plots import loss_curves, niah_heatmap, ruler_curves
 
     for kind, paths in (("niah", niah), ("ruler", ruler), ("lmeval", lmeval)):
-        if len(paths) != len(models):
+        if len(paths) != len(models) and not (kind == "lmeval" and not paths):
             raise LongctxError(f"report: {len(paths)} {kind} results for {len(models)} models")
-    metrics = gather_metrics({m: {"niah": n, "ruler": r, "lmeval": lm}
-                              for m, n, r, lm in zip(models, niah, ruler, lmeval)})
+    files = {m: {"niah": n, "ruler": r} for m, n, r in zip(models, niah, ruler)}
+    for m, lm in zip(models, lmeval):
+        files[m]["lmeval"] = lm
+    metrics = gather_metrics(files)
     if len(train) != len(train_plots):
         raise LongctxError(f"report: {len(train)} stage metrics for {len(train_plots)} plots")
     stages = [p.parent.name for p in train]  # results/train/stage-<k>/metrics.json

@@ -104,16 +104,18 @@ def evaluate(kind: str, model_name: str, model_dir: Path, samples_path: Path, cf
     result = {"model": model_name, "scores": scores(kind, samples, points), "rows": rows}
     write_json(out_json, result)
     if out_csv is not None:
-        write_text(out_csv, _csv(rows))
+        write_text(out_csv, _csv(model_name, rows))
     return result
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def _csv(model_name: str, rows: list[dict[str, Any]]) -> str:
+    """Every answer, one row each, named by model (so the files of several models concatenate,
+    and two models with equal answers never write byte-equal files that DVC would link)."""
     buf = io.StringIO()
-    fields = ["task", "length", "depth", "index", "score", "prediction", "references"]
-    writer = csv.DictWriter(buf, fieldnames=[f for f in fields if f in rows[0]],
+    fields = ["model", "task", "length", "depth", "index", "score", "prediction", "references"]
+    writer = csv.DictWriter(buf, fieldnames=[f for f in fields if f in rows[0] or f == "model"],
                             lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(row | {"references": "|".join(row["references"])})
+        writer.writerow(row | {"model": model_name, "references": "|".join(row["references"])})
     return buf.getvalue()
