@@ -30,16 +30,18 @@ def build_tokenizer():
 
 
 def build_tiny_chat_model(path: Path, seed: int = 0, extra_eos: list[int] | None = None,
-                          max_positions: int = 512) -> Path:
+                          max_positions: int = 512, vocab_size: int | None = None) -> Path:
     """Save a random tiny Llama + tokenizer at `path`. `extra_eos`: more stop ids for the
-    generation_config (as Llama-3 style checkpoints list several)."""
+    generation_config (as Llama-3 style checkpoints list several); `vocab_size`: rows beyond
+    the tokenizer's (a larger output projection)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32,
+                         intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=max_positions, eos_token_id=eos,
                          bos_token_id=tokenizer.bos_token_id, pad_token_id=None)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.train.data import Sample, pack
+from longctx.train.data import Sample, collate, document_block_mask, pack
 from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy
 
 SAMPLES = [  # a long sample learns every token; short ones only their target (last tokens)
@@ -65,3 +65,64 @@ def test_too_many_tokens_and_bad_samples_are_refused():
         pack(SAMPLES, length=10, pad_id=0)
     with pytest.raises(ValueError, match="3 tokens but 2 learn flags"):
         Sample([1, 2, 3], [True, True])
+
+
+def _segments(lengths):
+    return torch.cat([torch.full((n,), k) for k, n in enumerate(lengths)])[None]
+
+
+@pytest.mark.parametrize("lengths", [[300], [128, 128], [100, 28, 128, 5], [5] * 40,
+                                     [128, 128, 128, 1], [129, 255, 7, 400]])
+def test_document_block_mask_equals_flex_attentions_own(lengths):
+    """Our block-bound construction gives the very BlockMask torch builds by evaluating the
+    mask on every token pair: the same partial AND full blocks (a block wrongly marked full
+    would let samples see each other, the kernel skipping the mask there)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = _segments(lengths)
+    length = seg.shape[1]
+    doc = torch.nn.functional.pad(seg[0], (0, -length % 128), value=-1)
+    reference = create_block_mask(lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv), 1, None,
+                                  length, length, device="cpu", _compile=False)
+    ours = document_block_mask(seg)
+
+    def blocks(mask):
+        return [[sorted(idx[0, 0, i, :num[0, 0, i]].tolist()) for i in range(num.shape[-1])]
+                for num, idx in ((mask.kv_num_blocks, mask.kv_indices),
+                                 (mask.full_kv_num_blocks, mask.full_kv_indices))]
+
+    assert blocks(ours) == blocks(reference)
+    dense = torch.stack([ours.mask_mod(0, 0, torch.tensor(q), torch.arange(length))
+                         for q in range(length)])
+    allowed = pack([Sample([1] * n, [True] * n) for n in lengths], length, 0).attention_mask
+    assert torch.equal(dense, allowed[0, 0] == 0)
+
+
+def test_document_block_mask_refuses_padding():
+    with pytest.raises(ValueError, match="unpadded samples laid end to end"):
+        document_block_mask(torch.tensor([[0, 0, 1, -1]]))
+
+
+def test_flex_attention_sees_each_sample_alone():
+    """A micro-batch collated for flex_attention (one row, block-sparse mask) gives the hidden
+    states of sdpa's dense mask (forward only: torch has no flex backward on CPU)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
+    model = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    samples = [Sample(torch.randint(3, 60, (n,), generator=g).tolist(), [True] * n)
+               for n in (150, 40, 90)]
+    hidden = {}
+    for attention in ("sdpa", "flex_attention"):
+        model.config._attn_implementation = attention
+        ids, positions, mask, _ = collate([samples[:2], samples[2:]] if attention == "sdpa"
+                                          else [samples], attention, 0).model_inputs("cpu")
+        with torch.no_grad():
+            out = model.model(input_ids=ids, position_ids=positions,
+                              attention_mask=mask).last_hidden_state
+        hidden[attention] = out if attention == "flex_attention" else torch.cat(
+            [out[0, :190], out[1, :90]])[None]  # sdpa: two padded rows, laid end to end
+    assert type(mask).__name__ == "BlockMask"
+    torch.testing.assert_close(hidden["flex_attention"], hidden["sdpa"], rtol=1e-4, atol=1e-5)

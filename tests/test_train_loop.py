@@ -168,6 +168,7 @@ def test_loss_weighs_every_token_alike_across_micro_batches(setup):
     run(tmp_path, base, seqs, make_params(steps=2, batch_size=2), "batched")
     run(tmp_path, base, seqs, make_params(steps=2, grad_accum=2), "accumulated")
     assert_same(tmp_path / "batched" / "model", tmp_path / "accumulated" / "model", exact=False)
+    assert_same_curves(tmp_path / "batched" / "live", tmp_path / "accumulated" / "live", 2)
 
 
 def test_bad_setups_fail_before_training(setup, tmp_path):
@@ -183,7 +184,40 @@ def test_bad_setups_fail_before_training(setup, tmp_path):
     long = write_sequences(tmp_path / "long.parquet", length=100)
     with pytest.raises(LongctxError, match="exceeds the stage length 64"):
         run(tmp_path, base, long, make_params())
+    with pytest.raises(LongctxError, match="flex_attention has no backward pass on CPU"):
+        run(tmp_path, base, seqs, make_params(attention="flex_attention"))
     assert not (tmp_path / "run").exists()
+
+
+def curve(live_dir, metric):
+    """A logged training metric, one value per step (dvclive's tsv)."""
+    rows = (live_dir / "plots" / "metrics" / "train" / f"{metric}.tsv").read_text().split("\n")
+    return [float(line.split("\t")[-1]) for line in rows[1:] if line]
+
+
+def assert_same_curves(live_a, live_b, steps):
+    """The same loss and gradient norm at every step: the same gradient, not merely the same
+    direction (AdamW's update hides a uniformly mis-scaled gradient)."""
+    for metric in ("loss", "grad_norm"):
+        assert len(curve(live_a, metric)) == steps
+        assert curve(live_a, metric) == pytest.approx(curve(live_b, metric), rel=1e-4), metric
+
+
+def write_params(tmp_path, params):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return params_file
+
+
+def train_cli(params_file, base, seqs, out):
+    """`longctx train` as the rule runs it (it relaunches itself as the params say)."""
+    return subprocess.run(
+        [sys.executable, "-m", "longctx.cli", "--params", str(params_file), "train",
+         "--stage", "0", "--base", str(base), "--init", str(base), "--sequences", str(seqs),
+         "--out", str(out / "model"), "--live", str(out / "live"),
+         "--checkpoints", str(out / "checkpoints")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600)
 
 
 def test_two_processes_train_like_one_accumulating(setup):
@@ -191,20 +225,45 @@ def test_two_processes_train_like_one_accumulating(setup):
     update equals one process accumulating the same two sequences per step."""
     tmp_path, base, seqs = setup
     run(tmp_path, base, seqs, make_params(steps=2, grad_accum=2), "one")
-    params = make_params(steps=2, processes=2).model_dump(mode="json")
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
-    out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "longctx.cli", "--params", str(params_file), "train",
-         "--stage", "0", "--base", str(base), "--init", str(base), "--sequences", str(seqs),
-         "--out", str(out / "model"), "--live", str(out / "live"),
-         "--checkpoints", str(out / "checkpoints")],
-        capture_output=True, text=True, env=env, timeout=300)
+    params_file = write_params(tmp_path, make_params(steps=2, processes=2))
+    result = train_cli(params_file, base, seqs, tmp_path / "two")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
+    assert_same(tmp_path / "one" / "model", tmp_path / "two" / "model", exact=False)
+    assert_same_curves(tmp_path / "one" / "live", tmp_path / "two" / "live", 2)
+
+
+def test_zero3_accumulates_and_resumes_like_one_process(setup, root):
+    """DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml, 2 processes on CPU): weights,
+    gradients and optimizer states partitioned, 2 micro-batches accumulated per process. A run
+    killed in step 2 (checkpoint every step) resumes from its partitioned checkpoint and
+    ends with the update of ONE process accumulating the same 4 sequences per step."""
+    pytest.importorskip("deepspeed")
+    tmp_path, _, seqs = setup
+    # an output projection of 4096 x 32 > DeepSpeed's persistence threshold (1e5 elements):
+    # really partitioned, so the chunked loss must have it gathered (external parameter)
+    base = build_tiny_chat_model(tmp_path / "base-4k", max_positions=64, vocab_size=4096)
+    run(tmp_path, base, seqs, make_params(steps=3, grad_accum=4), "one")
+    params = make_params(steps=3, grad_accum=2, processes=2, checkpoint_every=1,
+                         accelerate_config=str(root / "configs/accelerate/zero3.yaml"))
+    params_file = write_params(tmp_path, params)
+    out = tmp_path / "zero3"
+    killed = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         params.train.accelerate_config, "--num_processes", "2",
+         str(root / "tests" / "crashing_train.py"), str(params_file), str(base), str(seqs),
+         str(out), "2"], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode != 0 and "killed after step 2" in killed.stderr, \
+        killed.stderr[-3000:]
+    assert not (out / "model").exists()
+    # on_step runs before the step's checkpoint: step 2 is lost and redone
+    assert [p.name for p in (out / "checkpoints").glob("*/step-*")] == ["step-00000001"]
+    resumed = train_cli(params_file, base, seqs, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 1" in resumed.stderr and "2 process(es)" in resumed.stderr
     assert_same(tmp_path / "one" / "model", out / "model", exact=False)
+    assert_same_curves(tmp_path / "one" / "live", out / "live", 3)  # no gap, no repeat
 
 
 def test_launcher_relaunches_only_when_asked(monkeypatch, root):
@@ -219,7 +278,7 @@ def test_launcher_relaunches_only_when_asked(monkeypatch, root):
     assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              "2"] and torchrun[-5:] == ["-m", "longctx.cli", *argv]
     monkeypatch.chdir(root)
-    for name in ("single", "ddp", "fsdp2"):
+    for name in ("single", "ddp", "fsdp2", "zero3"):
         config = f"configs/accelerate/{name}.yaml"
         load_config_from_file(config)  # accelerate itself accepts the file
         command = launcher(TrainConfig(accelerate_config=config), argv)

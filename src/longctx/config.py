@@ -445,9 +445,10 @@ class TrainConfig(Section):
     )
     batch_size: PositiveInt = Field(default=1, description="sequences per micro-batch and process")
     grad_accum: PositiveInt = Field(default=1, description="micro-batches per optimizer step")
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+    attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         default="sdpa", description="attention kernel; flash_attention_2 (the `gpu` extra) "
-        "keeps packed samples apart through position ids, without a dense mask"
+        "keeps packed samples apart through position ids, flex_attention (GPU only: no "
+        "backward on CPU) through a block-sparse mask; sdpa/eager use a dense mask"
     )
     activation_checkpointing: bool = Field(
         default=True, description="recompute layer activations in the backward pass"
@@ -468,7 +469,7 @@ class TrainConfig(Section):
     )
     accelerate_config: str | None = Field(
         default=None, description="an accelerate config file (configs/accelerate/: single, "
-        "ddp, fsdp2) to launch `longctx train` with"
+        "ddp, fsdp2, zero3) to launch `longctx train` with"
     )
     save_dtype: Literal["float32", "bfloat16"] = Field(
         default="bfloat16", description="dtype of the stage's saved weights (float32 keeps "

@@ -10,7 +10,8 @@ The mask is a dense additive [T, T] tensor, which sdpa and eager attention both 
 meant for short packs. (In transformers 5.24 neither infers sample boundaries from restarting
 position ids alone.) flash_attention_2 needs no mask: `collate` lays a micro-batch end to end
 in one row and the kernel reads sample boundaries from the restarting position ids (varlen).
-A lone unpadded sample needs no mask either: plain causal attention is what it wants.
+flex_attention takes the same row with a block-sparse mask built from block bounds, never
+[T, T]. A lone unpadded sample needs no mask at all: plain causal attention is what it wants.
 """
 
 from __future__ import annotations
@@ -40,13 +41,24 @@ class Sample:
 @dataclass
 class Packed:
     """One training sequence: [1, T] ids, shifted targets and position ids, [1, 1, T, T]
-    additive mask, and the sample index of every position (-1: padding)."""
+    additive mask, and the sample index of every position (-1: padding). `block_mask`: the
+    mask is flex_attention's, built on the device from the segments (see `model_inputs`)."""
 
     input_ids: torch.Tensor
     targets: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     segments: torch.Tensor
+    block_mask: bool = False
+
+    def model_inputs(self, device: torch.device | str) -> tuple:
+        """(input_ids, position_ids, attention mask, targets) on `device`."""
+        if self.block_mask:
+            mask = document_block_mask(self.segments.to(device))
+        else:
+            mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return (self.input_ids.to(device), self.position_ids.to(device), mask,
+                self.targets.to(device))
 
 
 def pack(samples: list[Sample], length: int, pad_id: int, dtype: torch.dtype = torch.float32,
@@ -83,17 +95,56 @@ def pack(samples: list[Sample], length: int, pad_id: int, dtype: torch.dtype = t
                   mask[None, None], seg[None])
 
 
+def document_block_mask(segments: torch.Tensor, block: int = 128):
+    """flex_attention's BlockMask for samples laid end to end in one row (`segments`: [1, T]
+    sample index per token, non-decreasing): causal inside each sample, nothing across.
+
+    Built from each block's first and last sample, so only (T/block)^2 flags exist (1K x 1K
+    at 128K tokens), never a [T, T] mask. Blocks that lie wholly inside one sample, below the
+    diagonal, are marked full: the kernel skips the mask there."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    seg = segments.reshape(-1)
+    length = seg.numel()
+    if length == 0 or bool((seg[1:] < seg[:-1]).any()) or bool((seg < 0).any()):
+        raise ValueError("document_block_mask needs unpadded samples laid end to end")
+    n = -(-length // block)
+    starts = torch.arange(n, device=seg.device) * block
+    first, last = seg[starts], seg[(starts + block).clamp(max=length) - 1]
+    q, kv = starts[:, None] // block, starts[None, :] // block
+    # samples only grow along the row: blocks kv <= q share a sample iff kv's last is q's first
+    touched = (kv <= q) & (last[None, :] >= first[:, None])
+    single = (first == last) & (starts + block <= length)  # one sample, not the short tail
+    full = (kv < q) & single[:, None] & single[None, :] & (first[:, None] == first[None, :])
+
+    def listed(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)  # flagged first
+        return flags.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    # the kernel reads whole blocks: positions past the end get a sample of their own
+    doc = torch.nn.functional.pad(seg, (0, n * block - length), value=-1)
+
+    def same_sample_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    return BlockMask.from_kv_blocks(*listed(touched & ~full), *listed(full), BLOCK_SIZE=block,
+                                    mask_mod=same_sample_causal, seq_lengths=(length, length))
+
+
 def collate(sequences: list[list[Sample]], attention: str, pad_id: int,
             dtype: torch.dtype = torch.float32) -> Packed:
     """A micro-batch (each sequence a list of samples) as model inputs and shifted targets.
 
-    flash_attention_2: every sample end to end in ONE row, no padding and no mask (varlen).
+    flash_attention_2 / flex_attention: every sample end to end in ONE row, no padding; no
+    mask (FA2's varlen reads the position ids) or a block-sparse one (flex).
     sdpa/eager: one row per sequence, padded to the longest; the mask is left out only when it
     changes nothing (a single sequence holding a single sample).
     """
-    if attention == "flash_attention_2":
+    if attention in ("flash_attention_2", "flex_attention"):
         flat = [s for seq in sequences for s in seq]
-        return pack(flat, sum(len(s.input_ids) for s in flat), pad_id, dtype, mask=False)
+        row = pack(flat, sum(len(s.input_ids) for s in flat), pad_id, dtype, mask=False)
+        row.block_mask = attention == "flex_attention" and len(flat) > 1
+        return row
     longest = max(sum(len(s.input_ids) for s in seq) for seq in sequences)
     if len(sequences) == 1 and len(sequences[0]) == 1:
         return pack(sequences[0], longest, pad_id, dtype, mask=False)

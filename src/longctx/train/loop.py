@@ -4,10 +4,10 @@ Stage k starts from stage k-1's final weights (stage 0 from the base model) with
 RoPE base and length written into the config, and a fresh optimizer. The loop is plain:
 per optimizer step, `grad_accum` micro-batches per process, each loss a SUM over its target
 tokens divided by the step's token count over all micro-batches and processes, so every
-token weighs the same however tokens fall into micro-batches (and DDP's gradient mean is
-undone by the factor `world`). The logits of a long sequence are never materialised whole
-(chunked cross-entropy), activations are recomputed in the backward pass, bf16 autocast on
-GPU, fp32 on CPU.
+token weighs the same however tokens fall into micro-batches (and the gradient mean over
+processes of DDP, FSDP2 or DeepSpeed is undone by the factor `world`). The logits of a long
+sequence are never materialised whole (chunked cross-entropy), activations are recomputed in
+the backward pass, bf16 autocast on GPU, fp32 on CPU.
 
 Every check that can fail (schedule, data, initial weights) runs before the model loads.
 Resumable state goes to `checkpoints/stage-<k>/` every `checkpoint_every` steps and on
@@ -19,10 +19,10 @@ are deleted (the next stage starts with a fresh optimizer; they would only take 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import signal
@@ -172,13 +172,41 @@ def _check_data(sequences: Any, path: Path, planned: ScheduledStage, steps: int,
 
 
 def _accelerator(cfg: TrainConfig):
+    """Accelerate for this process: the GPU when there is one, bf16 autocast there; gradient
+    accumulation by Accelerate's own `accumulate` (DDP's no_sync, FSDP2's gradient-sync switch,
+    DeepSpeed's accumulation boundary). Under `accelerate launch` with a DeepSpeed config on a
+    machine without GPUs, DeepSpeed runs on the CPU with gloo (tests, smoke runs)."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise LongctxError("train.device: cuda requested but no CUDA device is visible")
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda)
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
+    return Accelerator(cpu=not (cuda or deepspeed), mixed_precision="bf16" if bf16 else "no",
+                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers)
+
+
+def _prepare(accelerator: Any, model: LossModel, optimizer: torch.optim.Optimizer,
+             cfg: TrainConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`accelerator.prepare`, after telling DeepSpeed what the params say: batch sizes and
+    clipping (its engine steps and clips itself) and gathering whole weights to save. (ZeRO-3
+    also gathers the output projection that the chunked loss reads outside lm_head's forward:
+    its parameter getter registers such reads as external parameters.)"""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "train_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+            "gradient_clipping": cfg.grad_clip or 0.0})
+        plugin.deepspeed_config.setdefault("zero_optimization", {})[
+            "stage3_gather_16bit_weights_on_model_save"] = True
+    return accelerator.prepare(model, optimizer)
 
 
 def _load_model(init_dir: Path, planned: ScheduledStage, stages: StagesConfig,
@@ -265,6 +293,9 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     sequences = read_sequences(sequences_path)
 
     accelerator = _accelerator(cfg)
+    if cfg.attention == "flex_attention" and accelerator.device.type == "cpu":
+        raise LongctxError("train.attention: flex_attention has no backward pass on CPU (torch "
+                           f"{torch.__version__}); train with sdpa there")
     world, rank = accelerator.num_processes, accelerator.process_index
     _check_data(sequences, Path(sequences_path), planned, stage_cfg.steps,
                 cfg.batch_size * cfg.grad_accum * world, key)
@@ -283,7 +314,7 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model = _load_model(Path(init_dir), planned, params.stages, cfg)
     optimizer = _optimizer(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = _prepare(accelerator, model, optimizer, cfg)
     mask_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
 
     step, history = 0, []
@@ -318,14 +349,11 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
                                   device=accelerator.device)
             learnt, tokens = (int(x) for x in accelerator.reduce(counts, "sum"))
             loss_sum = torch.zeros((), device=accelerator.device)
-            for m, batch in enumerate(batches):
-                sync = contextlib.nullcontext() if m == len(batches) - 1 else \
-                    accelerator.no_sync(model)
-                with sync:
-                    total, _ = model(*(t.to(accelerator.device) if t is not None else None
-                                       for t in (batch.input_ids, batch.position_ids,
-                                                 batch.attention_mask, batch.targets)))
-                    accelerator.backward(total * world / max(learnt, 1))
+            for batch in batches:
+                with accelerator.accumulate(model):  # syncs gradients on the last micro-batch
+                    total, _ = model(*batch.model_inputs(accelerator.device))
+                    # backward divides by grad_accum (as DeepSpeed's engine does): undone
+                    accelerator.backward(total * world * cfg.grad_accum / max(learnt, 1))
                 loss_sum += total.detach()
             grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                          if cfg.grad_clip else None)
