@@ -126,3 +126,30 @@ def test_flex_attention_sees_each_sample_alone():
             [out[0, :190], out[1, :90]])[None]  # sdpa: two padded rows, laid end to end
     assert type(mask).__name__ == "BlockMask"
     torch.testing.assert_close(hidden["flex_attention"], hidden["sdpa"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention trains only on GPU")
+def test_flex_attention_trains_each_sample_alone_on_gpu():
+    """On a GPU: one flex_attention row of three samples spanning several 128-token blocks
+    gives the loss and gradients of the samples run one by one."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512)
+    config._attn_implementation = "flex_attention"
+    model = LlamaForCausalLM(config).cuda()
+    g = torch.Generator().manual_seed(1)
+    samples = [Sample(torch.randint(3, 60, (n,), generator=g).tolist(), [k % 2 == 0] * n)
+               for k, n in enumerate((150, 40, 300))]
+
+    def loss_and_grads(batch):
+        ids, positions, mask, targets = batch.model_inputs("cuda")
+        return run(model, ids, targets, position_ids=positions, attention_mask=mask)
+
+    loss, n, grads = loss_and_grads(collate([samples], "flex_attention", 0))
+    parts = [loss_and_grads(collate([[s]], "flex_attention", 0)) for s in samples]
+    assert n == sum(k for _, k, _ in parts) == 149 + 299
+    torch.testing.assert_close(loss, sum(p for p, _, _ in parts), rtol=1e-4, atol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], sum(g[name] for _, _, g in parts), rtol=1e-3,
+                                   atol=1e-5, msg=name)

@@ -33,7 +33,7 @@ from typing import Any
 
 from longctx.config import EvalConfig, LmevalConfig
 from longctx.errors import LongctxError, one_line
-from longctx.eval.ruler.sources import split_sentences
+from longctx.eval.ruler.sources import SENTENCE_WORDS, ends_sentence, split_sentences
 from longctx.eval.samples import EvalSample
 from longctx.repro import atomic_path, write_json
 
@@ -47,8 +47,6 @@ RULER_KEYS = ("id", "task", "length", "input", "gen_prefix", "outputs", "metric"
 
 CONTEXT_WORDS = (40, 120)  # the opening sentences shown
 CONTEXT_SENTENCES = (2, 4)
-SENTENCE_WORDS = (6, 60)  # a usable continuation or distractor
-_COMPLETE = re.compile(r"[.!?][\"'\u201d)\]]*$")
 _START = re.compile(r"[\"\u201c]?[A-Z]")
 
 
@@ -60,7 +58,7 @@ def _usable(sentence: str) -> bool:
     """A whole sentence of moderate length: starts like one, ends like one, quotes balanced
     (so split mistakes and markup such as "; Term: ..." lists give no distractors)."""
     return SENTENCE_WORDS[0] <= _words(sentence) <= SENTENCE_WORDS[1] \
-        and bool(_START.match(sentence) and _COMPLETE.search(sentence)) \
+        and bool(_START.match(sentence) and ends_sentence(sentence)) \
         and sentence.count('"') % 2 == 0 and sentence.count("(") == sentence.count(")")
 
 
@@ -73,7 +71,7 @@ def _opening(sentences: list[str]) -> tuple[str, str] | None:
             return None
         if words >= CONTEXT_WORDS[0]:
             head, nxt = sentences[:m], sentences[m]
-            if all(_COMPLETE.search(s) for s in head) and _usable(nxt):
+            if all(ends_sentence(s) for s in head) and _usable(nxt):
                 return " ".join(head), nxt
             return None
     return None

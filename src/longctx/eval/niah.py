@@ -12,18 +12,16 @@ the needle is.
 from __future__ import annotations
 
 import random
-import re
 
 from longctx.errors import LongctxError
 from longctx.eval.ruler import Draft, Plan, fit
 from longctx.eval.ruler.niah import NEEDLE, answer_prefix, insert_between, instruction, \
     random_value
-from longctx.eval.ruler.sources import TextSources
+from longctx.eval.ruler.sources import TextSources, ends_sentence
 from longctx.eval.samples import EvalSample, PromptMeasure
 from longctx.llm.base import derive_seed
 
 TASK = "niah"
-_COMPLETE = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
 
 
 def nearest_boundary(sentences: list[str], depth: float) -> int:
@@ -46,7 +44,7 @@ def _builder(depth: float, sample_seed: int, sources: TextSources):
         key, value = random_value(rng, "words"), random_value(rng, "numbers")
         needle = NEEDLE.format(type_needle_v="numbers", key=key, value=value)
         sentences = sources.essay_sentences(n)
-        if len(sentences) > 1 and not _COMPLETE.search(sentences[-1]):
+        if len(sentences) > 1 and not ends_sentence(sentences[-1]):
             sentences.pop()  # a cut-off last sentence would swallow a needle put after it
         at = nearest_boundary(sentences, depth)
         context = insert_between(sentences, [needle], [at])

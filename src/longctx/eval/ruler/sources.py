@@ -24,18 +24,25 @@ from longctx.errors import LongctxError, one_line
 # upper-case letter, digit or opening quote, except after a common abbreviation or an initial
 # ("Dr. Smith", "J. Smith", "U.S. Army").
 _BOUNDARY = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s+")
+_ENDS_SENTENCE = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
 _OPENER = re.compile(r"[\"'\u201c\u2018(\[]?[A-Z0-9]")
 _ABBREV = re.compile(
     r"(?:^|[\s(])(?:[A-Z]|(?:[A-Za-z]\.)+[A-Za-z]|Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|Mt|No|vs|etc|Inc"
     r"|Ltd|Co|Gen|Col|Lt|Sgt|Rev|Fig|approx|ca|c)\.$")
 _PARAGRAPH = re.compile(r"\n\s*\n")
 PARAGRAPH_WORDS = (40, 300)  # corpus paragraphs kept as QA documents
-SENTENCE_WORDS = (6, 60)  # cloze sentences
+SENTENCE_WORDS = (6, 60)  # a usable cloze sentence (QA here, HellaSwag-style in lmeval)
 BLANK = "___"
 CLOZE_QUESTION = 'What fills the blank "{blank}" in this sentence from the documents: "{sentence}"'
 # Cloze answers, best first: a year, another number, a capitalised multi-word name.
 _SPANS = (re.compile(r"\b(?:1[0-9]{3}|20[0-9]{2})\b"), re.compile(r"\b\d+(?:[.,]\d+)*\d\b"),
           re.compile(r"\b[A-Z][a-z]+(?: [A-Z][a-z]+)+\b"))
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether `text` ends as a sentence does (. ! or ?, then any closing quotes or brackets),
+    rather than cut off mid-sentence."""
+    return bool(_ENDS_SENTENCE.search(text))
 
 
 def split_sentences(text: str) -> list[str]:
