@@ -109,9 +109,10 @@ def document_block_mask(segments: torch.Tensor, block: int = 128):
     if length == 0 or bool((seg[1:] < seg[:-1]).any()) or bool((seg < 0).any()):
         raise ValueError("document_block_mask needs unpadded samples laid end to end")
     n = -(-length // block)
-    starts = torch.arange(n, device=seg.device) * block
+    blocks = torch.arange(n, device=seg.device)
+    starts = blocks * block
     first, last = seg[starts], seg[(starts + block).clamp(max=length) - 1]
-    q, kv = starts[:, None] // block, starts[None, :] // block
+    q, kv = blocks[:, None], blocks[None, :]
     # samples only grow along the row: blocks kv <= q share a sample iff kv's last is q's first
     touched = (kv <= q) & (last[None, :] >= first[:, None])
     single = (first == last) & (starts + block <= length)  # one sample, not the short tail
