@@ -1,6 +1,8 @@
 """The training loop on a tiny random Llama (CPU, fp32): stages, resume, signals, loss
-normalisation, errors before training, and a two-process (gloo) run."""
+normalisation, errors before training, and two-process runs on gloo (torchrun data parallel,
+DeepSpeed ZeRO-3)."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -186,6 +188,9 @@ def test_bad_setups_fail_before_training(setup, tmp_path):
         run(tmp_path, base, long, make_params())
     with pytest.raises(LongctxError, match="flex_attention has no backward pass on CPU"):
         run(tmp_path, base, seqs, make_params(attention="flex_attention"))
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(LongctxError, match="flash_attention_2 needs the flash-attn package"):
+            run(tmp_path, base, seqs, make_params(attention="flash_attention_2"))
     assert not (tmp_path / "run").exists()
 
 

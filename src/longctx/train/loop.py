@@ -19,6 +19,7 @@ are deleted (the next stage starts with a fresh optimizer; they would only take 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -171,6 +172,17 @@ def _check_data(sequences: Any, path: Path, planned: ScheduledStage, steps: int,
                            f"{planned.length} (repack: rerun the pack step)")
 
 
+def _check_attention(attention: str, device: torch.device) -> None:
+    """An attention kernel that cannot train here fails before the model loads."""
+    if attention == "flex_attention" and device.type == "cpu":
+        raise LongctxError("train.attention: flex_attention has no backward pass on CPU (torch "
+                           f"{torch.__version__}); train with sdpa there")
+    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise LongctxError("train.attention: flash_attention_2 needs the flash-attn package "
+                           "(the `gpu` extra: pip install 'longctx[gpu]'); or use flex_attention "
+                           "or sdpa")
+
+
 def _accelerator(cfg: TrainConfig):
     """Accelerate for this process: the GPU when there is one, bf16 autocast there; gradient
     accumulation by Accelerate's own `accumulate` (DDP's no_sync, FSDP2's gradient-sync switch,
@@ -293,9 +305,7 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     sequences = read_sequences(sequences_path)
 
     accelerator = _accelerator(cfg)
-    if cfg.attention == "flex_attention" and accelerator.device.type == "cpu":
-        raise LongctxError("train.attention: flex_attention has no backward pass on CPU (torch "
-                           f"{torch.__version__}); train with sdpa there")
+    _check_attention(cfg.attention, accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     _check_data(sequences, Path(sequences_path), planned, stage_cfg.steps,
                 cfg.batch_size * cfg.grad_accum * world, key)
