@@ -128,6 +128,32 @@ def test_flex_attention_sees_each_sample_alone():
     torch.testing.assert_close(hidden["flex_attention"], hidden["sdpa"], rtol=1e-4, atol=1e-5)
 
 
+def test_flex_attention_compiles_once_whatever_the_samples():
+    """Every micro-batch brings its own sample bounds (a new mask closure): the compiled
+    kernel must not recompile for each, or training would crawl and, past dynamo's recompile
+    limit, fall back to eager attention and its whole [T, T] scores. A new row length
+    compiles once more (then dynamic), new layouts not at all."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512)
+    config._attn_implementation = "flex_attention"
+    model = LlamaForCausalLM(config)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for layout in ([150, 40, 90], [100, 100, 80], [20, 260], [150, 40, 90, 30], [300, 10, 50],
+                   [77, 33, 250]):
+        row = collate([[Sample([3 + k % 50] * n, [True] * n) for k, n in enumerate(layout)]],
+                      "flex_attention", 0)
+        ids, positions, mask, _ = row.model_inputs("cpu")
+        with torch.no_grad():
+            model.model(input_ids=ids, position_ids=positions, attention_mask=mask)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [graphs[0]] * 3 + [graphs[0] + 1] * 3
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention trains only on GPU")
 def test_flex_attention_trains_each_sample_alone_on_gpu():
     """On a GPU: one flex_attention row of three samples spanning several 128-token blocks
