@@ -2,12 +2,13 @@
 
 Random-init Llama shapes (SmolLM2-135M, Llama-3.2-1B, and `tiny` for CPU smoke runs), batch 1,
 AdamW (lr 1e-5), activation checkpointing, SDPA attention; bf16 weights under bf16 autocast on
-CUDA, fp32 on CPU. Per shape and sequence length, two variants on the same weights (same seed)
+CUDA, fp32 on CPU. Per shape and sequence length, variants on the same weights (same seed)
 and the same random tokens:
   plain_hf: `model(input_ids=ids, labels=ids).loss`, backward, step, zero_grad: the logits of
             the whole sequence (and their fp32 copy) live through the backward pass;
   longctx:  `LossModel(model, chunk_tokens)` from longctx.train.loop, targets = ids shifted by
-            one, loss = sum / count: the chunked cross-entropy never holds the whole logits.
+            one, loss = sum / count: the chunked cross-entropy never holds the whole logits;
+  longctx_liger (only with --variants): the same with Liger's fused kernel (train.loss liger).
 Every (shape, length, variant) runs in a fresh subprocess, so its peak memory is its own
 (CUDA: max_memory_allocated; CPU: the child's ru_maxrss). A variant that runs out of memory is
 skipped at the longer lengths. Goals (one H200): Llama-3.2-1B trains at 64K and 128K with
@@ -16,6 +17,8 @@ longctx; SmolLM2-135M at 64K runs >= 1.3x plain's tokens/s in < 0.5x plain's mem
     python bench/train_step.py                                   # CUDA: 8K..128K, real shapes
     python bench/train_step.py --steps 2          # CPU: tiny at 512..2048, about 3 minutes
     python bench/train_step.py --shapes tiny smollm2-135m --lengths 256 512 --steps 1  # 10 min
+    python bench/train_step.py --shapes smollm2-135m --lengths 65536 \
+        --variants longctx longctx_liger                       # CUDA: ours against Liger's
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ SHAPES = {  # Llama configs; all with tied embeddings, like the real checkpoints
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                          vocab_size=128256),
 }
-VARIANTS = ("plain_hf", "longctx")
+VARIANTS = ("plain_hf", "longctx", "longctx_liger")  # the last: train.loss liger (CUDA)
 LR = 1e-5
 FLOP_CONVENTION = (
     "TFLOP/s = tokens/s * (6*N + 6*L*d*T) / 1e12, as in REFERENCE.md: N = non-embedding "
@@ -139,7 +142,8 @@ def child(spec: dict) -> dict:
     ids = ids.to(device)
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     position_ids = torch.arange(length, device=device)[None]
-    wrapped = LossModel(model, spec["chunk_tokens"])
+    wrapped = LossModel(model, spec["chunk_tokens"],
+                        "liger" if spec["variant"] == "longctx_liger" else "chunked")
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
@@ -220,15 +224,19 @@ def run_variant(spec: dict) -> dict:
 
 
 def compare(results: list[dict]) -> list[dict]:
-    """ours / plain per (shape, length): ratios only where both variants ran."""
+    """Each of our variants / plain per (shape, length): ratios only where both ran."""
     by = {(r["shape"], r["length"], r["variant"]): r for r in results}
     rows = []
-    for shape, length in dict.fromkeys((r["shape"], r["length"]) for r in results):
-        plain, ours = by[(shape, length, "plain_hf")], by[(shape, length, "longctx")]
-        row = {"shape": shape, "length": length, "plain_hf": plain["status"],
-               "longctx": ours["status"], "tokens_per_s_ratio": None, "memory_ratio": None,
-               "step_memory_ratio": None, "loss_abs_diff": None}
-        if plain["status"] == ours["status"] == "ok":
+    for shape, length, variant in dict.fromkeys((r["shape"], r["length"], r["variant"])
+                                                for r in results):
+        if variant == "plain_hf":
+            continue
+        plain, ours = by.get((shape, length, "plain_hf")), by[(shape, length, variant)]
+        row = {"shape": shape, "length": length, "variant": variant,
+               "plain_hf": plain and plain["status"], "ours": ours["status"],
+               "tokens_per_s_ratio": None, "memory_ratio": None, "step_memory_ratio": None,
+               "loss_abs_diff": None}
+        if plain and plain["status"] == ours["status"] == "ok":
             row.update(
                 tokens_per_s_ratio=round(ours["tokens_per_s"] / plain["tokens_per_s"], 3),
                 memory_ratio=round(ours["peak_gib"] / plain["peak_gib"], 3),
@@ -241,13 +249,13 @@ def compare(results: list[dict]) -> list[dict]:
 def goals(results: list[dict], comparison: list[dict]) -> dict:
     """The H200 goals: true/false when measured, null when not (or when a ratio is undefined)."""
     status = {(r["shape"], r["length"], r["variant"]): r["status"] for r in results}
-    ratios = {(c["shape"], c["length"]): c for c in comparison}
+    ratios = {(c["shape"], c["length"], c["variant"]): c for c in comparison}
 
     def trains(shape: str, length: int):
         s = status.get((shape, length, "longctx"))
         return {"ok": True, "oom": False, "skipped": False}.get(s)
 
-    smol = ratios.get(("smollm2-135m", 65536), {})
+    smol = ratios.get(("smollm2-135m", 65536, "longctx"), {})
     speed, mem = smol.get("tokens_per_s_ratio"), smol.get("memory_ratio")
     return {
         "llama-3.2-1b_longctx_trains_65536": trains("llama-3.2-1b", 65536),
@@ -267,6 +275,8 @@ def main() -> None:
                    "smollm2-135m step takes about a minute on 2 cores)")
     p.add_argument("--lengths", nargs="+", type=int, default=None,
                    help="default: 8192 32768 65536 131072 on CUDA, 512 1024 2048 on CPU")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:2]),
+                   help="longctx_liger: our step with train.loss liger (CUDA, liger-kernel)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--chunk-tokens", type=int, default=None,
@@ -307,7 +317,8 @@ def main() -> None:
         "settings": {
             "shapes": {s: {**SHAPES[s], "tie_word_embeddings": True,
                            "non_embedding_params": non_embedding_params(s)} for s in shapes},
-            "lengths": lengths, "steps": args.steps, "warmup": args.warmup, "batch_size": 1,
+            "lengths": lengths, "variants": args.variants, "steps": args.steps,
+            "warmup": args.warmup, "batch_size": 1,
             "device": device, "seed": args.seed,
             "precision": ("bf16 weights, grads and AdamW states, bf16 autocast" if
                           dtype == "bfloat16" else f"{dtype} weights, no autocast"),
@@ -330,7 +341,7 @@ def main() -> None:
     for shape in shapes:
         out_of_memory: set[str] = set()  # variants that failed a shorter length of this shape
         for length in lengths:
-            for variant in VARIANTS:
+            for variant in args.variants:
                 if variant in out_of_memory:
                     results.append({"shape": shape, "length": length, "variant": variant,
                                     "status": "skipped", "step_s": None, "tokens_per_s": None,

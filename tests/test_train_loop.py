@@ -191,6 +191,8 @@ def test_bad_setups_fail_before_training(setup, tmp_path):
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(LongctxError, match="flash_attention_2 needs the flash-attn package"):
             run(tmp_path, base, seqs, make_params(attention="flash_attention_2"))
+    with pytest.raises(LongctxError, match="train.loss: liger needs a CUDA GPU"):
+        run(tmp_path, base, seqs, make_params(loss="liger"))
     assert not (tmp_path / "run").exists()
 
 

@@ -1,10 +1,13 @@
-"""Chunked cross-entropy: the full cross-entropy's value and gradients, a chunk at a time."""
+"""Chunked cross-entropy: the full cross-entropy's value and gradients, a chunk at a time (and
+Liger's kernel, on a GPU, the same)."""
+
+import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy
+from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy, liger_cross_entropy
 
 
 def problem(tokens=37, dim=16, vocab=50, seed=0):
@@ -83,3 +86,27 @@ def test_gradients_follow_the_upstream_scale_and_mixed_dtypes():
     loss.backward()
     assert h16.grad.dtype == torch.bfloat16 and w32.grad.dtype == torch.float32
     torch.testing.assert_close(w32.grad, ref_grads[1].float() * 4, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel")
+                    is None, reason="Liger's kernel runs on a CUDA GPU (the `gpu` extra)")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_liger_gives_the_chunked_loss_and_gradients_on_gpu(autocast):
+    """train.loss: liger is a drop-in for ours: the same sum, count and gradients, in fp32 and
+    with bf16 hidden states against an fp32 weight (training under autocast)."""
+    results = []
+    for fn in (lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_tokens=64),
+               liger_cross_entropy):
+        hidden, weight, labels = problem(tokens=300, dim=64, vocab=1000)
+        hidden = hidden.float().cuda().detach().requires_grad_()
+        weight = weight.float().cuda().detach().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss, n = fn(hidden, weight, labels.cuda())
+        grads = torch.autograd.grad(loss, [hidden, weight])
+        results.append((loss, n, grads))
+    (ours, n_ours, g_ours), (liger, n_liger, g_liger) = results
+    assert n_ours.item() == n_liger.item() == 2 * 300 - 8
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(liger, ours, **tolerance)
+    for got, want in zip(g_liger, g_ours):
+        torch.testing.assert_close(got.float(), want.float(), **tolerance)

@@ -453,6 +453,10 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(
         default=True, description="recompute layer activations in the backward pass"
     )
+    loss: Literal["chunked", "liger"] = Field(
+        default="chunked", description="the fused linear cross-entropy: chunked (ours, plain "
+        "torch, any device) or liger (Liger's Triton kernel: GPU, the `gpu` extra)"
+    )
     loss_chunk_tokens: PositiveInt = Field(
         default=4096, description="tokens per chunk of the cross-entropy (logits never whole)"
     )

@@ -43,7 +43,7 @@ from longctx.errors import LongctxError
 from longctx.llm.base import derive_seed
 from longctx.train import checkpoint
 from longctx.train.data import Packed, collate
-from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy
+from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy, liger_cross_entropy
 from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule, stage_config
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,15 @@ def stage_schedule(stages: StagesConfig, base_config: Any) -> list[ScheduledStag
 
 class LossModel(nn.Module):
     """A causal LM whose forward returns (summed loss, target tokens) through the chunked
-    cross-entropy. Wrapping the LM (rather than calling its parts from the loop) keeps the
-    output projection inside the module DDP/FSDP prepare, so sharded weights are gathered."""
+    cross-entropy (or Liger's). Wrapping the LM (rather than calling its parts from the loop)
+    keeps the output projection inside the module DDP/FSDP prepare, so sharded weights are
+    gathered."""
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int):
+    def __init__(self, lm: nn.Module, chunk_tokens: int, loss: str = "chunked"):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.loss = loss
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP auto-wrap
 
     def forward(self, input_ids, position_ids, attention_mask, targets):
@@ -92,6 +94,8 @@ class LossModel(nn.Module):
                                        attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state
         weight = self.lm.get_output_embeddings().weight
+        if self.loss == "liger":
+            return liger_cross_entropy(hidden, weight, targets)
         return chunked_cross_entropy(hidden, weight, targets, self.chunk_tokens)
 
 
@@ -172,15 +176,19 @@ def _check_data(sequences: Any, path: Path, planned: ScheduledStage, steps: int,
                            f"{planned.length} (repack: rerun the pack step)")
 
 
-def _check_attention(attention: str, device: torch.device) -> None:
-    """An attention kernel that cannot train here fails before the model loads."""
-    if attention == "flex_attention" and device.type == "cpu":
+def _check_kernels(cfg: TrainConfig, device: torch.device) -> None:
+    """An attention or loss kernel that cannot train here fails before the model loads."""
+    gpu_extra = "(the `gpu` extra: pip install 'longctx[gpu]')"
+    if cfg.attention == "flex_attention" and device.type == "cpu":
         raise LongctxError("train.attention: flex_attention has no backward pass on CPU (torch "
                            f"{torch.__version__}); train with sdpa there")
-    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise LongctxError("train.attention: flash_attention_2 needs the flash-attn package "
-                           "(the `gpu` extra: pip install 'longctx[gpu]'); or use flex_attention "
-                           "or sdpa")
+    if cfg.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise LongctxError(f"train.attention: flash_attention_2 needs the flash-attn package "
+                           f"{gpu_extra}; or use flex_attention or sdpa")
+    if cfg.loss == "liger" and (device.type != "cuda"
+                                or importlib.util.find_spec("liger_kernel") is None):
+        raise LongctxError(f"train.loss: liger needs a CUDA GPU and liger-kernel {gpu_extra}; "
+                           "`chunked` does the same in plain torch")
 
 
 def _accelerator(cfg: TrainConfig):
@@ -232,7 +240,7 @@ def _load_model(init_dir: Path, planned: ScheduledStage, stages: StagesConfig,
     if cfg.activation_checkpointing:
         lm.activation_checkpointing_enable({"use_reentrant": False})
     lm.train()
-    return LossModel(lm, cfg.loss_chunk_tokens)
+    return LossModel(lm, cfg.loss_chunk_tokens, cfg.loss)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -305,7 +313,7 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     sequences = read_sequences(sequences_path)
 
     accelerator = _accelerator(cfg)
-    _check_attention(cfg.attention, accelerator.device)
+    _check_kernels(cfg, accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     _check_data(sequences, Path(sequences_path), planned, stage_cfg.steps,
                 cfg.batch_size * cfg.grad_accum * world, key)

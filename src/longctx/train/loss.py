@@ -86,3 +86,15 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         total = total + F.cross_entropy(logits, labels[start:end], ignore_index=IGNORE_INDEX,
                                         reduction="sum")
     return total, count
+
+
+def liger_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same (summed loss, target count) through Liger's fused linear cross-entropy, a
+    Triton kernel (GPU only; liger-kernel is in the `gpu` extra). Liger chunks by itself."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss(weight, hidden, labels).float(), (labels != IGNORE_INDEX).sum()
