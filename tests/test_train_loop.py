@@ -288,8 +288,9 @@ def test_launcher_relaunches_only_when_asked(monkeypatch, root):
     for name in ("single", "ddp", "fsdp2", "zero3"):
         config = f"configs/accelerate/{name}.yaml"
         load_config_from_file(config)  # accelerate itself accepts the file
-        command = launcher(TrainConfig(accelerate_config=config), argv)
-        assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", config]
+        command = launcher(TrainConfig(accelerate_config=config, processes=4), argv)
+        assert command[1:7] == ["-m", "accelerate.commands.launch", "--config_file", config,
+                                "--num_processes", "4"]  # the params' count, not the file's
     with pytest.raises(ConfigError, match="train.accelerate_config: nowhere.yaml not found"):
         launcher(TrainConfig(accelerate_config="nowhere.yaml"), argv)
     monkeypatch.setenv("WORLD_SIZE", "2")  # already launched: train here

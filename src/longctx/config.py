@@ -469,7 +469,8 @@ class TrainConfig(Section):
     )
     processes: PositiveInt = Field(
         default=1, description="training processes: > 1 relaunches `longctx train` under "
-        "accelerate launch (with accelerate_config) or torchrun (data parallel; gloo on CPU)"
+        "torchrun (data parallel; gloo on CPU); with accelerate_config, the process count of "
+        "`accelerate launch` (over the file's num_processes)"
     )
     accelerate_config: str | None = Field(
         default=None, description="an accelerate config file (configs/accelerate/: single, "

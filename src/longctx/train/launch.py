@@ -21,9 +21,9 @@ def launcher(cfg: TrainConfig, argv: list[str]) -> list[str] | None:
     if cfg.accelerate_config is not None:
         if not Path(cfg.accelerate_config).is_file():
             raise ConfigError(f"train.accelerate_config: {cfg.accelerate_config} not found")
-        count = ["--num_processes", str(cfg.processes)] if cfg.processes > 1 else []
+        # the params' count wins over the file's: one place says how many processes run
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                cfg.accelerate_config, *count, *module]
+                cfg.accelerate_config, "--num_processes", str(cfg.processes), *module]
     # plain data parallel: torchrun, which Accelerate reads (gloo on CPU, nccl on GPUs)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc_per_node", str(cfg.processes), *module]
