@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as ONE call of the device tool (an H200 holds torch, triton,
-# transformers and accelerate, not pydantic or liger-kernel: carry their wheels). Prepare
-# once, here:
+# The checks that need a GPU, as ONE call of the device tool. An H200 holds torch, triton and
+# accelerate, but transformers 5.17 (we need >= 5.24) and neither pydantic nor liger-kernel:
+# carry their wheels (about 17 MB). Prepare once, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-#     typing-inspection==0.4.5 liger-kernel==0.8.5
+#     typing-inspection==0.4.5 liger-kernel==0.8.5 transformers==5.24.0
 # then: run(command="bash bench/gpu_checks.sh", carry=[".whl"], timeout_s=590)
 # and copy $OUT's JSON and logs to bench/results/. Wall time: the GPU tests about a minute and
 # a half, the training-step benchmark 6 minutes at most, ours against Liger's loss 2 at most.
