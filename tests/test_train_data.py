@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.train.data import Sample, collate, document_block_mask, pack
+from longctx.train.data import Sample, collate, document_block_mask, pack, shard
 from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy
 
 SAMPLES = [  # a long sample learns every token; short ones only their target (last tokens)
@@ -58,6 +58,19 @@ def test_targets_positions_and_segments():
     allowed = p.attention_mask[0, 0] == 0
     assert allowed[6, 5] and not allowed[5, 4] and not allowed[4, 5]  # own sample, causal
     assert allowed[9].tolist() == [False] * 9 + [True, False]  # padding sees only itself
+
+
+def test_context_parallel_slices_cover_the_padded_rows():
+    """4 slices of 9 tokens padded to 12: each 3 tokens, laid side by side the whole row, every
+    token with its own target and position; no mask (sequence parallelism masks causally)."""
+    whole = pack(SAMPLES[1:], length=9, pad_id=0, mask=False)
+    slices = [shard(whole, 4, k, pad_id=0) for k in range(4)]
+    assert all(s.input_ids.shape == (1, 3) and s.attention_mask is None for s in slices)
+    x = IGNORE_INDEX
+    for name, padding in (("input_ids", 0), ("targets", x), ("position_ids", 0),
+                          ("segments", -1)):
+        side_by_side = torch.cat([getattr(s, name) for s in slices], dim=1)
+        assert side_by_side.tolist() == [getattr(whole, name)[0].tolist() + [padding] * 3]
 
 
 def test_too_many_tokens_and_bad_samples_are_refused():

@@ -27,13 +27,14 @@ SCHEMA = pa.schema([("sequence", pa.int32()), ("kind", pa.string()),
                     ("sample_ids", pa.list_(pa.string()))])
 
 
-def write_sequences(path, n=12, length=64, seed=0):
+def write_sequences(path, n=12, length=64, seed=0, packed=True):
     """n sequences: even ones a single long sample (all learnt), odd ones three short samples
-    (the last third of each learnt), as the pack step writes them; tokens count up mod 17."""
+    (the last third of each learnt; `packed=False`: long ones too), as the pack step writes
+    them; tokens count up mod 17."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n):
-        if i % 2 == 0:
+        if i % 2 == 0 or not packed:
             size = int(torch.randint(length // 2, length + 1, (1,), generator=g))
             lengths, learn = [size], [True] * size
         else:
@@ -271,6 +272,41 @@ def test_zero3_accumulates_and_resumes_like_one_process(setup, root):
     assert "resuming at step 1" in resumed.stderr and "2 process(es)" in resumed.stderr
     assert_same(tmp_path / "one" / "model", out / "model", exact=False)
     assert_same_curves(tmp_path / "one" / "live", out / "live", 3)  # no gap, no repeat
+
+
+def test_context_parallel_trains_like_one_process(setup, root):
+    """`train.context_parallel: 2` under configs/accelerate/zero3.yaml (2 processes on CPU):
+    both processes hold half of each sequence (DeepSpeed Ulysses); odd lengths are padded to
+    split evenly. Loss, gradient norm and weights equal one process training on whole
+    sequences: no token loses its target or its attention to the other half."""
+    pytest.importorskip("deepspeed")
+    tmp_path, base, _ = setup
+    seqs = write_sequences(tmp_path / "long.parquet", packed=False)
+    run(tmp_path, base, seqs, make_params(steps=3, grad_accum=2), "one")
+    params = make_params(steps=3, grad_accum=2, processes=2, context_parallel=2,
+                         accelerate_config=str(root / "configs/accelerate/zero3.yaml"))
+    out = tmp_path / "cp"
+    result = train_cli(write_params(tmp_path, params), base, seqs, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "context parallel 2" in result.stderr
+    assert_same(tmp_path / "one" / "model", out / "model", exact=False)
+    assert_same_curves(tmp_path / "one" / "live", out / "live", 3)
+
+
+def test_context_parallel_setups_that_cannot_work_fail_first(setup, monkeypatch):
+    tmp_path, base, seqs = setup
+    with pytest.raises(ConfigError, match="context_parallel 2 must divide processes 1"):
+        make_params(context_parallel=2)
+    with pytest.raises(ConfigError, match="needs attention sdpa or flash_attention_2"):
+        make_params(context_parallel=2, processes=2, attention="eager")
+    with pytest.raises(LongctxError, match="context_parallel: 2 needs DeepSpeed"):
+        run(tmp_path, base, seqs, make_params(context_parallel=2, processes=2))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as a DeepSpeed launch sets it
+    with pytest.raises(LongctxError, match="3 must divide the model's 4 attention heads"):
+        run(tmp_path, base, seqs, make_params(context_parallel=3, processes=3))
+    with pytest.raises(LongctxError, match="pack up to 3 samples, which sdpa cannot"):
+        run(tmp_path, base, seqs, make_params(context_parallel=2, processes=2))
+    assert not (tmp_path / "run").exists()
 
 
 def test_launcher_relaunches_only_when_asked(monkeypatch, root):

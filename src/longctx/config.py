@@ -476,6 +476,13 @@ class TrainConfig(Section):
         default=None, description="an accelerate config file (configs/accelerate/: single, "
         "ddp, fsdp2, zero3) to launch `longctx train` with"
     )
+    context_parallel: PositiveInt = Field(
+        default=1, description="processes sharing each sequence, each holding 1/N of its "
+        "tokens (DeepSpeed Ulysses sequence parallelism, accelerate's ParallelismConfig"
+        "(sp_size)): needs a DeepSpeed accelerate_config, processes a multiple of N and "
+        "attention heads divisible by N; sdpa then sees no sample boundaries, so every "
+        "sequence must hold one sample (flash_attention_2 keeps packed samples apart)"
+    )
     save_dtype: Literal["float32", "bfloat16"] = Field(
         default="bfloat16", description="dtype of the stage's saved weights (float32 keeps "
         "updates smaller than bf16's precision, e.g. a few small-lr steps)"
@@ -485,6 +492,18 @@ class TrainConfig(Section):
     )
     keep_checkpoints: PositiveInt = Field(default=2, description="checkpoints kept per stage")
     log_every: PositiveInt = Field(default=1, description="log loss, lr, tokens/s every N steps")
+
+    @model_validator(mode="after")
+    def _context_parallel_fits(self) -> TrainConfig:
+        if self.context_parallel == 1:
+            return self
+        if self.processes % self.context_parallel:
+            raise ValueError(f"context_parallel {self.context_parallel} must divide processes "
+                             f"{self.processes}")
+        if self.attention not in ("sdpa", "flash_attention_2"):
+            raise ValueError(f"context_parallel needs attention sdpa or flash_attention_2, not "
+                             f"{self.attention} (Ulysses drops dense and block masks)")
+        return self
 
 
 RULER_TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",

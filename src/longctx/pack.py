@@ -696,10 +696,16 @@ class SequenceTable:
     def __iter__(self) -> Iterator[Sequence]:
         return (self[i] for i in range(len(self)))
 
+    def _sample_lengths(self) -> list[list[int]]:
+        return self._file.read(columns=["sample_lengths"])["sample_lengths"].to_pylist()
+
     def longest(self) -> int:
         """Tokens of the longest sequence, from the small sample_lengths column alone."""
-        lengths = self._file.read(columns=["sample_lengths"])["sample_lengths"].to_pylist()
-        return max(map(sum, lengths), default=0)
+        return max(map(sum, self._sample_lengths()), default=0)
+
+    def most_samples(self) -> int:
+        """Samples in the most packed sequence (1: every sequence holds one sample)."""
+        return max(map(len, self._sample_lengths()), default=0)
 
     def sample_ids(self, i: int) -> list[str]:
         return self._row(i)["sample_ids"]

@@ -22,6 +22,8 @@ import torch
 
 from longctx.train.loss import IGNORE_INDEX
 
+ROW_KERNELS = ("flash_attention_2", "flex_attention")  # a micro-batch end to end in one row
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -141,7 +143,7 @@ def collate(sequences: list[list[Sample]], attention: str, pad_id: int,
     sdpa/eager: one row per sequence, padded to the longest; the mask is left out only when it
     changes nothing (a single sequence holding a single sample).
     """
-    if attention in ("flash_attention_2", "flex_attention"):
+    if attention in ROW_KERNELS:
         flat = [s for seq in sequences for s in seq]
         row = pack(flat, sum(len(s.input_ids) for s in flat), pad_id, dtype, mask=False)
         row.block_mask = attention == "flex_attention" and len(flat) > 1
@@ -152,3 +154,21 @@ def collate(sequences: list[list[Sample]], attention: str, pad_id: int,
     rows = [pack(seq, longest, pad_id, dtype) for seq in sequences]
     return Packed(*(torch.cat([getattr(r, f) for r in rows]) for f in
                     ("input_ids", "targets", "position_ids", "attention_mask", "segments")))
+
+
+def shard(batch: Packed, parts: int, index: int, pad_id: int) -> Packed:
+    """Slice `index` of `parts` equal slices along the sequence, for context parallelism: the
+    processes of one group each hold a slice of the same rows. The rows are first padded to a
+    multiple of `parts` (padding learns nothing and comes after every real token, so causal
+    attention never reads it). Targets were shifted per sample before slicing, so every
+    token keeps its own target across slice boundaries. No mask: sequence parallelism
+    attends causally (sdpa) or through the position ids (flash_attention_2)."""
+    length = batch.input_ids.shape[1]
+    size = -(-length // parts)
+    pad = size * parts - length
+
+    def cut(t: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, pad), value=fill)[:, index * size:(index + 1) * size]
+
+    return Packed(cut(batch.input_ids, pad_id), cut(batch.targets, IGNORE_INDEX),
+                  cut(batch.position_ids, 0), None, cut(batch.segments, -1))

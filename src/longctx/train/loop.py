@@ -42,7 +42,7 @@ from longctx.config import Params, StagesConfig, TrainConfig
 from longctx.errors import LongctxError
 from longctx.llm.base import derive_seed
 from longctx.train import checkpoint
-from longctx.train.data import Packed, collate
+from longctx.train.data import ROW_KERNELS, Packed, collate, shard
 from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy, liger_cross_entropy
 from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule, stage_config
 
@@ -88,6 +88,7 @@ class LossModel(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.loss = loss
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP auto-wrap
+        self.config = lm.config  # read by DeepSpeed's Ulysses setup (heads, attention kernel)
 
     def forward(self, input_ids, position_ids, attention_mask, targets):
         hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
@@ -168,8 +169,8 @@ def _check_data(sequences: Any, path: Path, planned: ScheduledStage, steps: int,
     if len(sequences) < need:
         raise LongctxError(
             f"{path}: {len(sequences)} sequences, but {steps} steps x {per_step} sequences per "
-            f"step (batch_size x grad_accum x processes) need {need}; set {key}.sequences "
-            f"to at least {need} (samples repeat) or lower {key}.steps")
+            f"step (batch_size x grad_accum x processes / context_parallel) need {need}; set "
+            f"{key}.sequences to at least {need} (samples repeat) or lower {key}.steps")
     longest = sequences.longest()
     if longest > planned.length:
         raise LongctxError(f"{path}: a sequence of {longest} tokens exceeds the stage length "
@@ -191,22 +192,65 @@ def _check_kernels(cfg: TrainConfig, device: torch.device) -> None:
                            "`chunked` does the same in plain torch")
 
 
+def _deepspeed() -> bool:
+    """Whether `accelerate launch` started this process with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _check_context_parallel(cfg: TrainConfig, model_config: Any, sequences: Any,
+                            path: Path) -> None:
+    """Context parallelism that cannot run fails before the model loads."""
+    n = cfg.context_parallel
+    if n == 1:
+        return
+    if not _deepspeed():
+        raise LongctxError(f"train.context_parallel: {n} needs DeepSpeed (its Ulysses sequence "
+                           "parallelism): set train.accelerate_config to a DeepSpeed config, "
+                           "e.g. configs/accelerate/zero3.yaml")
+    text = model_config.get_text_config()
+    heads, kv = text.num_attention_heads, text.num_key_value_heads
+    if heads % n or (kv % n and n % kv):
+        raise LongctxError(f"train.context_parallel: {n} must divide the model's {heads} "
+                           f"attention heads, and divide or be a multiple of its {kv} "
+                           "key/value heads")
+    if cfg.attention == "sdpa" and sequences.most_samples() > 1:
+        raise LongctxError(
+            f"{path}: sequences pack up to {sequences.most_samples()} samples, which sdpa "
+            "cannot keep apart under train.context_parallel (sequence parallelism drops the "
+            "mask); use train.attention: flash_attention_2, or a mixture with short: 0")
+
+
 def _accelerator(cfg: TrainConfig):
     """Accelerate for this process: the GPU when there is one, bf16 autocast there; gradient
     accumulation by Accelerate's own `accumulate` (DDP's no_sync, FSDP2's gradient-sync switch,
     DeepSpeed's accumulation boundary). Under `accelerate launch` with a DeepSpeed config on a
-    machine without GPUs, DeepSpeed runs on the CPU with gloo (tests, smoke runs)."""
+    machine without GPUs, DeepSpeed runs on the CPU with gloo (tests, smoke runs).
+
+    `train.context_parallel` N > 1: DeepSpeed's Ulysses sequence parallelism (accelerate's
+    ParallelismConfig(sp_size=N)): N consecutive processes share each sequence, each holding
+    1/N of its tokens; around attention an all-to-all trades the sequence slices for whole
+    sequences of 1/N of the heads. (torch's ring attention, ParallelismConfig(cp_size), has
+    no CPU path to test on, and keeps no sample boundaries at all.)"""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import (DeepSpeedSequenceParallelConfig, InitProcessGroupKwargs,
+                                  ParallelismConfig)
 
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise LongctxError("train.device: cuda requested but no CUDA device is visible")
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda)
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = _deepspeed()
     handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
+    parallelism = None
+    if cfg.context_parallel > 1:
+        data_parallel = int(os.environ.get("WORLD_SIZE", "1")) // cfg.context_parallel
+        parallelism = ParallelismConfig(
+            dp_shard_size=data_parallel, sp_size=cfg.context_parallel, sp_backend="deepspeed",
+            sp_handler=DeepSpeedSequenceParallelConfig(
+                sp_seq_length_is_variable=True, sp_attn_implementation=cfg.attention))
     return Accelerator(cpu=not (cuda or deepspeed), mixed_precision="bf16" if bf16 else "no",
-                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers)
+                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers,
+                       parallelism_config=parallelism)
 
 
 def _prepare(accelerator: Any, model: LossModel, optimizer: torch.optim.Optimizer,
@@ -219,10 +263,12 @@ def _prepare(accelerator: Any, model: LossModel, optimizer: torch.optim.Optimize
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
+        rows = 1 if cfg.attention in ROW_KERNELS else cfg.batch_size  # per micro-batch
         plugin.deepspeed_config.update({
-            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "train_micro_batch_size_per_gpu": rows,
             "gradient_accumulation_steps": cfg.grad_accum,
-            "train_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+            "train_batch_size": rows * cfg.grad_accum * (accelerator.num_processes
+                                                         // cfg.context_parallel),
             "gradient_clipping": cfg.grad_clip or 0.0})
         plugin.deepspeed_config.setdefault("zero_optimization", {})[
             "stage3_gather_16bit_weights_on_model_save"] = True
@@ -287,8 +333,10 @@ class _Live:
 
 def _batch_indices(step: int, micro: int, rank: int, cfg: TrainConfig, world: int) -> list[int]:
     """Which sequences micro-batch `micro` of step `step` reads on process `rank`: the data
-    position is a function of the step, so resuming needs nothing but the step."""
-    first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+    position is a function of the step, so resuming needs nothing but the step. The
+    `context_parallel` consecutive processes of a group read the same sequences."""
+    replicas, replica = world // cfg.context_parallel, rank // cfg.context_parallel
+    first = ((step * cfg.grad_accum + micro) * replicas + replica) * cfg.batch_size
     return list(range(first, first + cfg.batch_size))
 
 
@@ -307,16 +355,18 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
         raise LongctxError(f"stage {stage}: stages.schedule has {len(params.stages.schedule)} "
                            "stages")
     stage_cfg = params.stages.schedule[stage]
-    planned_all = stage_schedule(params.stages, AutoConfig.from_pretrained(base_dir))
+    base_config = AutoConfig.from_pretrained(base_dir)
+    planned_all = stage_schedule(params.stages, base_config)
     planned = planned_all[stage]
     _check_init(Path(init_dir), stage, planned_all)
     sequences = read_sequences(sequences_path)
+    _check_context_parallel(cfg, base_config, sequences, Path(sequences_path))
 
     accelerator = _accelerator(cfg)
     _check_kernels(cfg, accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
-    _check_data(sequences, Path(sequences_path), planned, stage_cfg.steps,
-                cfg.batch_size * cfg.grad_accum * world, key)
+    per_step = cfg.batch_size * cfg.grad_accum * world // cfg.context_parallel  # sequences
+    _check_data(sequences, Path(sequences_path), planned, stage_cfg.steps, per_step, key)
     run = repro.fingerprint({
         "train": cfg.model_dump(mode="json", exclude={"log_every", "checkpoint_every",
                                                       "keep_checkpoints"}),
@@ -344,10 +394,10 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     elif accelerator.is_main_process:
         checkpoint.clear_others(Path(checkpoint_root), run)
     live = _Live(Path(live_dir), history, accelerator.is_main_process)
-    log.info("stage %d: length %d, RoPE base %g (%s), %d steps of %d sequences, %d process(es)",
-             stage, planned.length, planned.rope_theta,
-             "derived" if planned.derived else "given", stage_cfg.steps,
-             cfg.batch_size * cfg.grad_accum * world, world)
+    log.info("stage %d: length %d, RoPE base %g (%s), %d steps of %d sequences, %d process(es)"
+             "%s", stage, planned.length, planned.rope_theta,
+             "derived" if planned.derived else "given", stage_cfg.steps, per_step, world,
+             f", context parallel {cfg.context_parallel}" if cfg.context_parallel > 1 else "")
 
     from tqdm import tqdm
 
@@ -362,6 +412,9 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
             batches: list[Packed] = [
                 collate([sequences.samples(i) for i in _batch_indices(step, m, rank, cfg, world)],
                         cfg.attention, pad_id, mask_dtype) for m in range(cfg.grad_accum)]
+            if cfg.context_parallel > 1:  # this process's slice of every row
+                batches = [shard(b, cfg.context_parallel, rank % cfg.context_parallel, pad_id)
+                           for b in batches]
             counts = torch.tensor([sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches),
                                    sum(int((b.segments >= 0).sum()) for b in batches)],
                                   device=accelerator.device)
