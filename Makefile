@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	snakemake --cores all
 
+# two workers: the end-to-end module (its two DAG runs) in one, every other test in the other
 test: setup
-	python -m pytest
+	python -m pytest -n 2 --dist loadscope
 
 dvc-export: setup
 	longctx schema && longctx dvc-export
