@@ -18,7 +18,7 @@ def root() -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_model_dir(tmp_path_factory) -> Path:
-    """models/base as the base_model step writes it from the bundled GGUF (about a minute)."""
+    """models/base as the base_model step writes it from the bundled GGUF (about 20 s)."""
     from longctx.base_model import prepare_base_model
     from longctx.config import BaseModelConfig
 

@@ -217,7 +217,8 @@ def _check_context_parallel(cfg: TrainConfig, model_config: Any, sequences: Any,
         raise LongctxError(
             f"{path}: sequences pack up to {sequences.most_samples()} samples, which sdpa "
             "cannot keep apart under train.context_parallel (sequence parallelism drops the "
-            "mask); use train.attention: flash_attention_2, or a mixture with short: 0")
+            "mask); use train.attention: flash_attention_2, or a mixture of long samples "
+            "only (long_output: 0, short: 0)")
 
 
 def _accelerator(cfg: TrainConfig):
