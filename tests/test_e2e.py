@@ -2,12 +2,13 @@
 the bundled models.
 
 Two runs from scratch in two fresh checkouts, one by Snakemake and one by DVC, must produce
-byte-identical artifacts, from the converted base model through the synthesized tables (each
-run generates its own LLM calls) to training, scores and plots; each tool must then see the
-other's work as up to date, and a `dvc exp run -S index...` must rerun only what the change
-reaches. The two runs go at once, one thread per job (what keeps CI within its time on 2
-cores: most of a job is Python importing torch and transformers, on one core); the same
-thread count in both keeps their floating point identical.
+byte-identical artifacts, from the converted base model to training, scores and plots; each
+tool must then see the other's work as up to date, and a `dvc exp run -S index...` must rerun
+only what the change reaches. The two runs go at once, one thread per job, and share one LLM
+call cache (what keeps CI within its time on 2 cores): a synthesis or evaluation call is made
+by whichever run reaches it first (generation itself is checked against the cache in the llm
+tests); everything else is computed by both. The same thread count in both keeps their
+floating point identical.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def both_runs(origin, tmp_path_factory) -> tuple[Path, Path, str]:
     """(Snakemake's checkout, DVC's checkout, DVC's output), both DAGs run at once."""
     by_snakemake = clone(origin, tmp_path_factory, "snakemake")
     by_dvc = clone(origin, tmp_path_factory, "dvc")
+    calls = tmp_path_factory.mktemp("llm-calls")
+    for project in (by_snakemake, by_dvc):
+        (project / "cache").mkdir()
+        (project / "cache" / "llm").symlink_to(calls, target_is_directory=True)
     runs = [start(by_snakemake, "snakemake", "--cores", "1"), start(by_dvc, "dvc", "repro")]
     try:
         outputs = [finish(proc) for proc in runs]
