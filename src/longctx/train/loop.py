@@ -213,9 +213,9 @@ def _check_context_parallel(cfg: TrainConfig, model_config: Any, sequences: Any,
         raise LongctxError(f"train.context_parallel: {n} must divide the model's {heads} "
                            f"attention heads, and divide or be a multiple of its {kv} "
                            "key/value heads")
-    if cfg.attention == "sdpa" and sequences.most_samples() > 1:
+    if cfg.attention == "sdpa" and (most := sequences.most_samples()) > 1:
         raise LongctxError(
-            f"{path}: sequences pack up to {sequences.most_samples()} samples, which sdpa "
+            f"{path}: sequences pack up to {most} samples, which sdpa "
             "cannot keep apart under train.context_parallel (sequence parallelism drops the "
             "mask); use train.attention: flash_attention_2, or a mixture of long samples "
             "only (long_output: 0, short: 0)")
