@@ -30,10 +30,12 @@ def build_tokenizer():
 
 
 def build_tiny_chat_model(path: Path, seed: int = 0, extra_eos: list[int] | None = None,
-                          max_positions: int = 512, vocab_size: int | None = None) -> Path:
+                          max_positions: int = 512, vocab_size: int | None = None,
+                          tied: bool = False) -> Path:
     """Save a random tiny Llama + tokenizer at `path`. `extra_eos`: more stop ids for the
     generation_config (as Llama-3 style checkpoints list several); `vocab_size`: rows beyond
-    the tokenizer's (a larger output projection)."""
+    the tokenizer's (a larger output projection); `tied`: the output projection is the input
+    embedding (as in SmolLM2 and Llama-3.2)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -44,7 +46,8 @@ def build_tiny_chat_model(path: Path, seed: int = 0, extra_eos: list[int] | None
                          intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=max_positions, eos_token_id=eos,
-                         bos_token_id=tokenizer.bos_token_id, pad_token_id=None)
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=None,
+                         tie_word_embeddings=tied)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # a spikier output distribution: fewer near-ties between tokens
         model.lm_head.weight.mul_(8.0)

@@ -1,10 +1,11 @@
-"""The training loop on a tiny random Llama (CPU, fp32): stages, resume, signals, loss
-normalisation, errors before training, and two-process runs on gloo (torchrun data parallel,
-DeepSpeed ZeRO-3, context parallelism)."""
+"""The training loop on a tiny random Llama (CPU, fp32; one run bf16): stages, resume,
+signals, loss normalisation, errors before training, and two-process runs on gloo (torchrun
+data parallel, DeepSpeed ZeRO-3, context parallelism)."""
 
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,8 +125,13 @@ def test_stages_train_from_each_other_with_their_rope_base(setup):
     assert config1["rope_parameters"]["rope_theta"] == pytest.approx(1.6e5)
 
 
-def test_killed_run_resumes_to_the_same_weights(setup):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_killed_run_resumes_to_the_same_weights(setup, tied):
+    """Also with tied input and output embeddings (the default SmolLM2's), which a checkpoint
+    stores once."""
     tmp_path, base, seqs = setup
+    if tied:
+        base = build_tiny_chat_model(tmp_path / "tied", max_positions=64, tied=True)
     params = make_params(steps=5)
     run(tmp_path, base, seqs, params, "whole")
 
@@ -228,6 +234,38 @@ def train_cli(params_file, base, seqs, out):
         timeout=600)
 
 
+def test_bf16_autocast_trains_like_fp32(setup):
+    """`train.dtype: bfloat16`, the GPU default, run on CPU through `longctx train`:
+    autocast with a bf16 attention mask, the chunked loss taking bf16 hidden states to an fp32
+    softmax, bf16 saved weights. Its curves stay within bf16's precision of the fp32 run's, so
+    the GPU path's dtype handling is checked before a GPU ever runs it. (Tied embeddings, as
+    in SmolLM2: the log keeps quiet about the checkpoint storing them once.)"""
+    tmp_path, _, seqs = setup
+    base = build_tiny_chat_model(tmp_path / "tied", max_positions=64, tied=True)
+    run(tmp_path, base, seqs, make_params(steps=3), "fp32")
+    params_file = write_params(tmp_path, make_params(steps=3, dtype="bfloat16",
+                                                     save_dtype="bfloat16"))
+    result = train_cli(params_file, base, seqs, tmp_path / "bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint: step 2" in result.stderr
+    for chatter in ("Removed shared tensor", "Setting accelerator to CPU"):
+        assert chatter not in result.stdout + result.stderr
+    fp32, bf16 = tmp_path / "fp32" / "live", tmp_path / "bf16" / "live"
+    assert curve(bf16, "loss") == pytest.approx(curve(fp32, "loss"), rel=2e-2)
+    assert curve(bf16, "grad_norm") == pytest.approx(curve(fp32, "grad_norm"), rel=5e-2)
+    assert curve(bf16, "loss") != curve(fp32, "loss")  # it did compute in bf16
+    saved, reference, start = (weights(d) for d in (tmp_path / "bf16" / "model",
+                                                     tmp_path / "fp32" / "model", base))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    # AdamW moves a weight by about lr whatever its gradient's size, so single weights can
+    # differ by a step; the whole update must point the same way, by the same amount
+    update_bf16, update_fp32 = (torch.cat([(w[k].float() - start[k].float()).flatten()
+                                           for k in sorted(start)])
+                                for w in (saved, reference))
+    assert torch.cosine_similarity(update_bf16, update_fp32, dim=0) > 0.99
+    assert update_bf16.norm() == pytest.approx(float(update_fp32.norm()), rel=0.05)
+
+
 def test_two_processes_train_like_one_accumulating(setup):
     """`train.processes: 2` relaunches `longctx train` under torchrun (gloo on CPU); its
     update equals one process accumulating the same two sequences per step."""
@@ -237,6 +275,10 @@ def test_two_processes_train_like_one_accumulating(setup):
     result = train_cli(params_file, base, seqs, tmp_path / "two")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
+    # each step logged once (by the main process); one line per checkpoint, not accelerate's
+    assert re.findall(r"stage 0 step (\d)/2: loss", result.stderr) == ["1", "2"]
+    assert result.stderr.count("checkpoint: step 2") == 1
+    assert "Saving current state" not in result.stderr
     assert_same(tmp_path / "one" / "model", tmp_path / "two" / "model", exact=False)
     assert_same_curves(tmp_path / "one" / "live", tmp_path / "two" / "live", 2)
 

@@ -429,12 +429,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Drop(logging.Filter):
+    """Drops one library message, known by a phrase in it."""
+
+    def __init__(self, phrase: str) -> None:
+        super().__init__()
+        self.phrase = phrase
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.phrase not in record.getMessage()
+
+
+def _quiet_libraries() -> None:
+    """Library chatter that longctx's own lines already cover or that asks nothing of the
+    user (all of it shown again under -v): faiss probing CPU features; accelerate logging
+    every file of a checkpoint (longctx logs each checkpoint once) and noting that tied
+    embeddings are stored once (resuming restores them exactly: tests/test_train_loop.py);
+    DeepSpeed announcing that it found no GPU."""
+    for name in ("faiss.loader", "accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").addFilter(_Drop("Removed shared tensor"))
+    logging.getLogger("DeepSpeed").addFilter(_Drop("Setting accelerator to CPU"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under a launcher
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing
+    if not args.verbose:
+        _quiet_libraries()
     try:
         args.func(args)
     except LongctxError as exc:

@@ -491,7 +491,8 @@ class TrainConfig(Section):
         default=50, description="save resumable state every N steps in checkpoints/stage-<k>/"
     )
     keep_checkpoints: PositiveInt = Field(default=2, description="checkpoints kept per stage")
-    log_every: PositiveInt = Field(default=1, description="log loss, lr, tokens/s every N steps")
+    log_every: PositiveInt = Field(default=1, description="a log line (loss, lr, grad norm, "
+                                   "tokens/s, memory) every N steps; dvclive records every step")
 
     @model_validator(mode="after")
     def _context_parallel_fits(self) -> TrainConfig:

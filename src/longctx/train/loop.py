@@ -364,6 +364,8 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     _check_context_parallel(cfg, base_config, sequences, Path(sequences_path))
 
     accelerator = _accelerator(cfg)
+    if not accelerator.is_main_process:  # one log for the run: replicas speak only of trouble
+        logging.getLogger("longctx").setLevel(logging.WARNING)
     _check_kernels(cfg, accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum * world // cfg.context_parallel  # sequences
@@ -446,7 +448,10 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
             if step % cfg.log_every == 0:
-                log.debug("step %d: %s", step, record)
+                log.info("stage %d step %d/%d: loss %.4f, lr %.3g%s, %.0f tokens/s, %.2f GiB",
+                         stage, step, stage_cfg.steps, loss, lr,
+                         f", grad norm {record['train/grad_norm']:.4g}" if grad_norm is not None
+                         else "", tokens / seconds, record["perf/memory_gib"])
             if on_step is not None:
                 on_step(step)
 
