@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from longctx.config import PARAMS_FILE, Params, load_params
@@ -445,7 +446,10 @@ def _quiet_libraries() -> None:
     user (all of it shown again under -v): faiss probing CPU features; accelerate logging
     every file of a checkpoint (longctx logs each checkpoint once) and noting that tied
     embeddings are stored once (resuming restores them exactly: tests/test_train_loop.py);
-    DeepSpeed announcing that it found no GPU."""
+    DeepSpeed announcing that it found no GPU, and torch telling DeepSpeed (every step, on
+    every process) that two collectives it calls are deprecated."""
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.\w+` is deprecated")
     for name in ("faiss.loader", "accelerate.accelerator", "accelerate.checkpointing"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").addFilter(_Drop("Removed shared tensor"))
