@@ -1,6 +1,6 @@
-"""The training loop on a tiny random Llama (CPU, fp32; one run bf16): stages, resume,
-signals, loss normalisation, errors before training, and two-process runs on gloo (torchrun
-data parallel, DeepSpeed ZeRO-3, context parallelism)."""
+"""The training loop on a tiny random Llama (CPU; fp32 but for the bf16 test): stages,
+resume, signals, loss normalisation, errors before training, and two-process runs on gloo
+(torchrun data parallel, DeepSpeed ZeRO-3, context parallelism)."""
 
 import importlib.util
 import json
