@@ -1,6 +1,6 @@
 """The training loop on a tiny random Llama (CPU; fp32 but for the bf16 test): stages,
 resume, signals, loss normalisation, errors before training, and two-process runs on gloo
-(torchrun data parallel, DeepSpeed ZeRO-3, context parallelism)."""
+(torchrun data parallel, DeepSpeed ZeRO-3, FSDP2, context parallelism)."""
 
 import importlib.util
 import json
@@ -223,32 +223,46 @@ def write_params(tmp_path, params):
     return params_file
 
 
-def train_cli(params_file, base, seqs, out):
-    """`longctx train` as the rule runs it (it relaunches itself as the params say)."""
-    return subprocess.run(
-        [sys.executable, "-m", "longctx.cli", "--params", str(params_file), "train",
-         "--stage", "0", "--base", str(base), "--init", str(base), "--sequences", str(seqs),
-         "--out", str(out / "model"), "--live", str(out / "live"),
-         "--checkpoints", str(out / "checkpoints")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=600)
+def python(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
-@pytest.mark.parametrize("launch", ["one process", "zero3"])
-def test_bf16_trains_like_fp32(setup, root, launch):
+def launch(root, name):
+    """`accelerate launch` with configs/accelerate/<name>.yaml on 2 CPU processes; FSDP2
+    through tests/fsdp2_on_cpu.py (accelerate runs FSDP only on GPUs unless told)."""
+    command = ["-m", "accelerate.commands.launch", "--config_file",
+               str(root / "configs" / "accelerate" / f"{name}.yaml"), "--num_processes", "2"]
+    return command + ([str(root / "tests" / "fsdp2_on_cpu.py")] if name == "fsdp2" else [])
+
+
+def train_cli(params_file, base, seqs, out, launcher=()):
+    """`longctx train` as the rule runs it (it relaunches itself as the params say), or run
+    directly under `launcher`."""
+    return python(*launcher, "-m", "longctx.cli", "--params", str(params_file), "train",
+                  "--stage", "0", "--base", str(base), "--init", str(base),
+                  "--sequences", str(seqs), "--out", str(out / "model"),
+                  "--live", str(out / "live"), "--checkpoints", str(out / "checkpoints"))
+
+
+@pytest.mark.parametrize("launcher", ["one process", "zero3", "fsdp2"])
+def test_bf16_trains_like_fp32(setup, root, launcher):
     """`train.dtype: bfloat16`, the GPU default, run on CPU through `longctx train`: in one
     process, autocast with a bf16 attention mask and the chunked loss taking bf16 hidden
     states to an fp32 softmax; under ZeRO-3 (2 processes, the paper profile's launcher),
-    DeepSpeed's bf16 engine with the output projection partitioned. Both save bf16 weights
-    and stay within bf16's precision of one fp32 process on the same sequences, so the GPU
-    paths' dtype handling is checked before a GPU runs them. (Tied embeddings, as in SmolLM2:
-    the log keeps quiet about the checkpoint storing them once.)"""
+    DeepSpeed's bf16 engine with the output projection partitioned; under FSDP2, bf16
+    weights gathered per layer with fp32 masters. All save bf16 weights and stay within
+    bf16's precision of one fp32 process on the same sequences, so the GPU paths' dtype
+    handling is checked before a GPU runs them. (Tied embeddings, as in SmolLM2: saved once,
+    and the log keeps quiet about the checkpoint storing them once.)"""
     tmp_path, _, seqs = setup
     settings = {"steps": 3, "dtype": "bfloat16", "save_dtype": "bfloat16"}
-    if launch == "zero3":
+    if launcher == "zero3":
         pytest.importorskip("deepspeed")
         settings.update(processes=2, grad_accum=2,
                         accelerate_config=str(root / "configs/accelerate/zero3.yaml"))
+    elif launcher == "fsdp2":
+        settings.update(processes=2, grad_accum=2)
     else:
         settings.update(grad_accum=4)
     # an output projection of 4096 x 32: over DeepSpeed's persistence threshold (partitioned)
@@ -256,11 +270,11 @@ def test_bf16_trains_like_fp32(setup, root, launch):
                                  tied=True)
     run(tmp_path, base, seqs, make_params(steps=3, grad_accum=4), "fp32")
     result = train_cli(write_params(tmp_path, make_params(**settings)), base, seqs,
-                       tmp_path / "bf16")
+                       tmp_path / "bf16", launch(root, "fsdp2") if launcher == "fsdp2" else ())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoint: step 2" in result.stderr
-    chatter = ["Removed shared tensor", "is deprecated"]
-    if launch == "one process":  # (accelerate's launcher, a process of its own, says it once)
+    chatter = ["Removed shared tensor", "is deprecated", "Saving model to"]
+    if launcher == "one process":  # (accelerate's launcher, a process of its own, says it)
         chatter.append("Setting accelerator to CPU")
     assert not [c for c in chatter if c in result.stdout + result.stderr]
     fp32, bf16 = tmp_path / "fp32" / "live", tmp_path / "bf16" / "live"
@@ -271,6 +285,7 @@ def test_bf16_trains_like_fp32(setup, root, launch):
     saved, reference, start = (weights(d) for d in (tmp_path / "bf16" / "model",
                                                      tmp_path / "fp32" / "model", base))
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert saved.keys() == start.keys()  # no second copy of the tied output projection
     # AdamW moves a weight by about lr whatever its gradient's size, so single weights can
     # differ by a step; the whole update must point the same way, by the same amount
     update_bf16, update_fp32 = (torch.cat([(w[k].float() - start[k].float()).flatten()
@@ -297,33 +312,36 @@ def test_two_processes_train_like_one_accumulating(setup):
     assert_same_curves(tmp_path / "one" / "live", tmp_path / "two" / "live", 2)
 
 
-def test_zero3_accumulates_and_resumes_like_one_process(setup, root):
-    """DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml, 2 processes on CPU): weights,
-    gradients and optimizer states partitioned, 2 micro-batches accumulated per process. A run
-    killed in step 2 (checkpoint every step) resumes from its partitioned checkpoint and
-    ends with the update of ONE process accumulating the same 4 sequences per step."""
-    pytest.importorskip("deepspeed")
+@pytest.mark.parametrize("launcher", ["zero3", "fsdp2"])
+def test_sharded_runs_accumulate_and_resume_like_one_process(setup, root, launcher):
+    """configs/accelerate/{zero3,fsdp2}.yaml, 2 processes on CPU: weights, gradients and
+    optimizer states sharded, 2 micro-batches accumulated per process. A run killed in step 2
+    (checkpoint every step) resumes from its sharded checkpoint and ends with the update of
+    ONE process accumulating the same 4 sequences per step; tied embeddings stay tied."""
+    if launcher == "zero3":
+        pytest.importorskip("deepspeed")
     tmp_path, _, seqs = setup
     # an output projection of 4096 x 32 > DeepSpeed's persistence threshold (1e5 elements):
     # really partitioned, so the chunked loss must have it gathered (external parameter)
-    base = build_tiny_chat_model(tmp_path / "base-4k", max_positions=64, vocab_size=4096)
+    base = build_tiny_chat_model(tmp_path / "base-4k", max_positions=64, vocab_size=4096,
+                                 tied=True)
     run(tmp_path, base, seqs, make_params(steps=3, grad_accum=4), "one")
     params = make_params(steps=3, grad_accum=2, processes=2, checkpoint_every=1,
-                         accelerate_config=str(root / "configs/accelerate/zero3.yaml"))
+                         accelerate_config=str(root / f"configs/accelerate/{launcher}.yaml"))
     params_file = write_params(tmp_path, params)
-    out = tmp_path / "zero3"
-    killed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         params.train.accelerate_config, "--num_processes", "2",
-         str(root / "tests" / "crashing_train.py"), str(params_file), str(base), str(seqs),
-         str(out), "2"], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = tmp_path / launcher
+    killed = python(*launch(root, launcher), str(root / "tests" / "crashing_train.py"),
+                    str(params_file), str(base), str(seqs), str(out), "2")
     assert killed.returncode != 0 and "killed after step 2" in killed.stderr, \
         killed.stderr[-3000:]
     assert not (out / "model").exists()
     # on_step runs before the step's checkpoint: step 2 is lost and redone
-    assert [p.name for p in (out / "checkpoints").glob("*/step-*")] == ["step-00000001"]
-    resumed = train_cli(params_file, base, seqs, out)
+    saved = [p for p in (out / "checkpoints").glob("*/step-*")]
+    assert [p.name for p in saved] == ["step-00000001"]
+    if launcher == "fsdp2":  # each process wrote its own shards
+        assert {p.name for p in saved[0].rglob("*.distcp")} >= {"__0_0.distcp", "__1_0.distcp"}
+    resumed = train_cli(params_file, base, seqs, out,
+                        launch(root, launcher) if launcher == "fsdp2" else ())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 1" in resumed.stderr and "2 process(es)" in resumed.stderr
     assert_same(tmp_path / "one" / "model", out / "model", exact=False)

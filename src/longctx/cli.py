@@ -450,7 +450,8 @@ def _quiet_libraries() -> None:
     every process) that two collectives it calls are deprecated."""
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.\w+` is deprecated")
-    for name in ("faiss.loader", "accelerate.accelerator", "accelerate.checkpointing"):
+    for name in ("faiss.loader", "accelerate.accelerator", "accelerate.checkpointing",
+                 "accelerate.utils.fsdp_utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").addFilter(_Drop("Removed shared tensor"))
     logging.getLogger("DeepSpeed").addFilter(_Drop("Setting accelerator to CPU"))

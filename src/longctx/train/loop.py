@@ -478,6 +478,18 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     return {**summary, "length": planned.length, "rope_theta": planned.rope_theta}
 
 
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """Each parameter name that is another name's parameter (tied weights) -> that name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 def _save_model(accelerator: Any, model: nn.Module, tokenizer: Any, out_dir: Path,
                 params: Params, stage: int, planned: ScheduledStage, summary: dict,
                 init_dir: Path) -> None:
@@ -490,6 +502,9 @@ def _save_model(accelerator: Any, model: nn.Module, tokenizer: Any, out_dir: Pat
     dtype = getattr(torch, params.train.save_dtype)
     lm = accelerator.unwrap_model(model).lm
     weights = {name.removeprefix("lm."): t.to(dtype) for name, t in state.items()}
+    for alias, name in _aliases(lm).items():  # tied embeddings: saved once, as from_pretrained
+        if alias in weights:                   # expects (a cast or a gather made two copies)
+            weights[alias] = weights[name]
     lm.config.dtype = dtype
     lm.config.use_cache = True
     write_model_dir(out_dir, lm, tokenizer, params.train.save_dtype, {
