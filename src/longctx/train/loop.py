@@ -446,12 +446,12 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
             history.append(record)
             live.log(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['perf/tokens_per_s']:.0f}")
             if step % cfg.log_every == 0:
                 log.info("stage %d step %d/%d: loss %.4f, lr %.3g%s, %.0f tokens/s, %.2f GiB",
                          stage, step, stage_cfg.steps, loss, lr,
                          f", grad norm {record['train/grad_norm']:.4g}" if grad_norm is not None
-                         else "", tokens / seconds, record["perf/memory_gib"])
+                         else "", record["perf/tokens_per_s"], record["perf/memory_gib"])
             if on_step is not None:
                 on_step(step)
 
