@@ -295,21 +295,50 @@ def test_bf16_trains_like_fp32(setup, root, launcher):
     assert update_bf16.norm() == pytest.approx(float(update_fp32.norm()), rel=0.05)
 
 
-def test_two_processes_train_like_one_accumulating(setup):
-    """`train.processes: 2` relaunches `longctx train` under torchrun (gloo on CPU); its
-    update equals one process accumulating the same two sequences per step."""
-    tmp_path, base, seqs = setup
-    run(tmp_path, base, seqs, make_params(steps=2, grad_accum=2), "one")
-    params_file = write_params(tmp_path, make_params(steps=2, processes=2))
-    result = train_cli(params_file, base, seqs, tmp_path / "two")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stderr
-    # each step logged once (by the main process); one line per checkpoint, not accelerate's
-    assert re.findall(r"stage 0 step (\d)/2: loss", result.stderr) == ["1", "2"]
-    assert result.stderr.count("checkpoint: step 2") == 1
-    assert "Saving current state" not in result.stderr
-    assert_same(tmp_path / "one" / "model", tmp_path / "two" / "model", exact=False)
-    assert_same_curves(tmp_path / "one" / "live", tmp_path / "two" / "live", 2)
+def test_two_processes_take_signals_and_train_like_one_accumulating(setup):
+    """`train.processes: 2` relaunches `longctx train` under torchrun (gloo on CPU), whose
+    processes sit in sessions of their own. Signals sent to the `longctx train` that a rule
+    runs reach them: SIGUSR1, a checkpoint and on; SIGTERM, a checkpoint and stop (none trains
+    on as an orphan). The rerun resumes, and the update equals one process accumulating the
+    same two sequences per step; each step is logged once (by the main process)."""
+    tmp_path, base, _ = setup
+    seqs = write_sequences(tmp_path / "many.parquet", n=60)
+    run(tmp_path, base, seqs, make_params(steps=30, grad_accum=2, checkpoint_every=1000),
+        "one")
+    params_file = write_params(tmp_path, make_params(steps=30, processes=2,
+                                                     checkpoint_every=1000))
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "longctx.cli", "--params", str(params_file), "train",
+               "--stage", "0", "--base", str(base), "--init", str(base), "--sequences",
+               str(seqs), "--out", str(out / "model"), "--live", str(out / "live"),
+               "--checkpoints", str(out / "checkpoints")]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stderr:  # to its end: every process holding it has exited
+        lines.append(line)
+        if "step 1/30: loss" in line:
+            proc.send_signal(signal.SIGUSR1)
+        elif "checkpoint: step" in line and "step 1/30" in "".join(lines):
+            proc.send_signal(signal.SIGTERM)
+    killed = "".join(lines)
+    assert proc.wait(timeout=30) != 0, killed[-3000:]
+    saved = sorted(int(p.name.removeprefix("step-")) for p in out.glob("checkpoints/*/step-*"))
+    assert len(saved) == 2 and 1 < saved[0] < saved[1] < 30, killed[-3000:]
+    assert f"stopped by SIGTERM after step {saved[1]} of 30" in killed
+    assert not (out / "model").exists()
+
+    resumed = train_cli(params_file, base, seqs, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {saved[1]}" in resumed.stderr
+    assert "2 process(es)" in resumed.stderr
+    logged = re.findall(r"stage 0 step (\d+)/30: loss", killed + resumed.stderr)
+    assert logged == [str(i) for i in range(1, 31)]
+    # one line per checkpoint (ours), not accelerate's
+    assert killed.count(f"checkpoint: step {saved[0]} ") == 1
+    assert "Saving current state" not in killed
+    assert_same(tmp_path / "one" / "model", out / "model", exact=False)
+    assert_same_curves(tmp_path / "one" / "live", out / "live", 30)
 
 
 @pytest.mark.parametrize("launcher", ["zero3", "fsdp2"])

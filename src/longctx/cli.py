@@ -127,18 +127,18 @@ def cmd_pack_show(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import subprocess
-
-    from longctx.train.launch import launcher
-    from longctx.train.loop import train_stage
+    from longctx.train.launch import launcher, run
 
     params = _params(args)
     command = launcher(params.train, args.argv)
     if command is not None:  # several processes: the launcher runs this same command in each
         log.info("train: %s", " ".join(command))
-        if subprocess.run(command).returncode != 0:
-            raise LongctxError(f"stage {args.stage}: a training process failed (see above)")
+        if run(command) != 0:
+            raise LongctxError(f"stage {args.stage}: a training process failed or was stopped "
+                               "(see above)")
         return
+    from longctx.train.loop import train_stage  # (torch: not in a process that relaunches)
+
     summary = train_stage(params, args.stage, args.base, args.init, args.sequences, args.out,
                           args.live, args.checkpoints)
     log.info("train: stage %d (length %d, RoPE base %g), %d steps, final loss %s -> %s",

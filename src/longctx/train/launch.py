@@ -1,12 +1,17 @@
 """Running `longctx train` in several processes: the rule's command stays `longctx train`, and
-the params say how many processes and which accelerate config; the command relaunches itself.
+the params say how many processes and which accelerate config; the command relaunches itself
+and stays in charge of the processes it started: signals reach them, and none outlives it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from longctx.config import TrainConfig
 from longctx.errors import ConfigError
@@ -27,3 +32,57 @@ def launcher(cfg: TrainConfig, argv: list[str]) -> list[str] | None:
     # plain data parallel: torchrun, which Accelerate reads (gloo on CPU, nccl on GPUs)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc_per_node", str(cfg.processes), *module]
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+
+
+def run(command: list[str]) -> int:
+    """Run the launcher to its end and return its exit status. SIGTERM and SIGUSR1 (and SIGINT,
+    SIGHUP) received meanwhile go straight to the training processes (the launcher's children,
+    this machine's), which save a checkpoint and stop (SIGTERM) or go on (SIGUSR1) as a single
+    process does. Sent to the launcher instead, torchrun would kill them 30 s after SIGTERM,
+    whatever they were saving, and die of SIGUSR1, leaving them to train on unwatched; they
+    start sessions of their own, so a terminal's or a scheduler's process-group signal does not
+    reach them either. If this process is killed outright, the launcher gets SIGTERM and
+    passes it on."""
+    import psutil
+
+    die_with_parent = _parent_death_signal()
+    launcher = subprocess.Popen(command, preexec_fn=die_with_parent)
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            workers = psutil.Process(launcher.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        targets = workers or ([] if signum == signal.SIGUSR1 else [launcher])
+        for target in targets:  # (none yet for SIGUSR1: there is nothing to save)
+            try:
+                target.send_signal(signum)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return launcher.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _parent_death_signal() -> Any:
+    """A function that, called in a process, has SIGTERM sent to it when its parent dies
+    (Linux's PR_SET_PDEATHSIG); None elsewhere. Resolved here, not in a forked child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def stop_with_launcher() -> None:
+    """In a process a launcher started: SIGTERM (save a checkpoint and stop) when the launcher
+    dies, rather than train on as an orphan."""
+    die_with_parent = _parent_death_signal()
+    if die_with_parent is not None:
+        die_with_parent()

@@ -43,6 +43,7 @@ from longctx.errors import LongctxError
 from longctx.llm.base import derive_seed
 from longctx.train import checkpoint
 from longctx.train.data import ROW_KERNELS, Packed, collate, shard
+from longctx.train.launch import stop_with_launcher
 from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy, liger_cross_entropy
 from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule, stage_config
 
@@ -108,7 +109,7 @@ class _Signals:
     CODES = {signal.SIGUSR1: 1, signal.SIGTERM: 2}
 
     def __init__(self) -> None:
-        self.code = 0
+        self._received: list[int] = []  # appended by the handler, popped by take()
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
@@ -118,17 +119,21 @@ class _Signals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.code = max(self.code, self.CODES[signum])
+        self._received.append(self.CODES[signum])
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
     def take(self, accelerator: Any) -> int:
-        """The strongest signal any process received since the last call (0: none)."""
-        code = accelerator.reduce(torch.tensor(self.code, device=accelerator.device), "max")
-        self.code = 0
-        return int(code)
+        """The strongest signal any process received since the last call (0: none). Popped
+        one by one: a signal handled meanwhile (say as the collective returns) is kept for
+        the next call, where resetting a flag after the collective would lose it."""
+        codes = []
+        while self._received:
+            codes.append(self._received.pop())
+        mine = torch.tensor(max(codes, default=0), device=accelerator.device)
+        return int(accelerator.reduce(mine, "max"))
 
 
 def _check_init(init_dir: Path, stage: int, planned: list[ScheduledStage]) -> None:
@@ -363,6 +368,8 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     sequences = read_sequences(sequences_path)
     _check_context_parallel(cfg, base_config, sequences, Path(sequences_path))
 
+    if "LOCAL_RANK" in os.environ:  # one of a launcher's processes
+        stop_with_launcher()
     accelerator = _accelerator(cfg)
     if not accelerator.is_main_process:  # one log for the run: replicas speak only of trouble
         logging.getLogger("longctx").setLevel(logging.WARNING)
