@@ -1,6 +1,7 @@
 """Running `longctx train` in several processes: the rule's command stays `longctx train`, and
 the params say how many processes and which accelerate config; the command relaunches itself
-and stays in charge of the processes it started: signals reach them, and none outlives it.
+and stays in charge of the processes it started: signals reach them, and none trains on
+without it.
 """
 
 from __future__ import annotations
