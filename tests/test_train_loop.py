@@ -236,13 +236,17 @@ def launch(root, name):
     return command + ([str(root / "tests" / "fsdp2_on_cpu.py")] if name == "fsdp2" else [])
 
 
+def train_command(params_file, base, seqs, out):
+    return ["-m", "longctx.cli", "--params", str(params_file), "train", "--stage", "0",
+            "--base", str(base), "--init", str(base), "--sequences", str(seqs),
+            "--out", str(out / "model"), "--live", str(out / "live"),
+            "--checkpoints", str(out / "checkpoints")]
+
+
 def train_cli(params_file, base, seqs, out, launcher=()):
     """`longctx train` as the rule runs it (it relaunches itself as the params say), or run
     directly under `launcher`."""
-    return python(*launcher, "-m", "longctx.cli", "--params", str(params_file), "train",
-                  "--stage", "0", "--base", str(base), "--init", str(base),
-                  "--sequences", str(seqs), "--out", str(out / "model"),
-                  "--live", str(out / "live"), "--checkpoints", str(out / "checkpoints"))
+    return python(*launcher, *train_command(params_file, base, seqs, out))
 
 
 @pytest.mark.parametrize("launcher", ["one process", "zero3", "fsdp2"])
@@ -308,19 +312,17 @@ def test_two_processes_take_signals_and_train_like_one_accumulating(setup):
     params_file = write_params(tmp_path, make_params(steps=30, processes=2,
                                                      checkpoint_every=1000))
     out = tmp_path / "two"
-    command = [sys.executable, "-m", "longctx.cli", "--params", str(params_file), "train",
-               "--stage", "0", "--base", str(base), "--init", str(base), "--sequences",
-               str(seqs), "--out", str(out / "model"), "--live", str(out / "live"),
-               "--checkpoints", str(out / "checkpoints")]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, *train_command(params_file, base, seqs, out)],
+                            stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = []
+    lines, stopping = [], False
     for line in proc.stderr:  # to its end: every process holding it has exited
         lines.append(line)
         if "step 1/30: loss" in line:
             proc.send_signal(signal.SIGUSR1)
-        elif "checkpoint: step" in line and "step 1/30" in "".join(lines):
+        elif "checkpoint: step" in line and not stopping:  # the one SIGUSR1 asked for
             proc.send_signal(signal.SIGTERM)
+            stopping = True
     killed = "".join(lines)
     assert proc.wait(timeout=30) != 0, killed[-3000:]
     saved = sorted(int(p.name.removeprefix("step-")) for p in out.glob("checkpoints/*/step-*"))
@@ -365,7 +367,7 @@ def test_sharded_runs_accumulate_and_resume_like_one_process(setup, root, launch
         killed.stderr[-3000:]
     assert not (out / "model").exists()
     # on_step runs before the step's checkpoint: step 2 is lost and redone
-    saved = [p for p in (out / "checkpoints").glob("*/step-*")]
+    saved = list((out / "checkpoints").glob("*/step-*"))
     assert [p.name for p in saved] == ["step-00000001"]
     if launcher == "fsdp2":  # each process wrote its own shards
         assert {p.name for p in saved[0].rglob("*.distcp")} >= {"__0_0.distcp", "__1_0.distcp"}
