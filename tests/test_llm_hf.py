@@ -7,6 +7,8 @@ from llm_data import PROMPTS, build_tiny_chat_model, build_tokenizer, user
 
 from longctx.errors import LongctxError
 from longctx.llm.base import Sampling
+from longctx.llm.cache import CallCache
+from longctx.llm.client import LLM
 from longctx.llm.hf import HFBackend, resolve_model
 
 
@@ -107,6 +109,35 @@ def test_generation_config_eos_ids_stop_generation(model_dir, backend, tmp_path)
     assert outs[0].text == backend.tokenizer.decode(first_ids[:k])
     # the other row keeps going after its neighbour stopped, and is unaffected by it
     assert outs[1] == stopping.generate([chats[1]], Sampling(max_new_tokens=12))[0]
+
+
+def test_weights_load_only_for_a_call_not_in_the_cache(model_dir, tmp_path):
+    """A rerun whose calls are all cached (a resumed step, the second of two runs sharing a
+    cache) renders, counts and keys its prompts with the tokenizer alone."""
+    chats = [user(p) for p in PROMPTS[:3]]
+    sampling = Sampling(max_new_tokens=6)
+    with LLM(HFBackend(model_dir), CallCache(tmp_path / "calls.sqlite"), 2) as first:
+        made = first.chat(chats, sampling, "t/1")
+    rerun = HFBackend(model_dir)
+    with LLM(rerun, CallCache(tmp_path / "calls.sqlite"), 2) as llm:
+        assert llm.chat(chats, sampling, "t/1") == made
+        assert llm.last.hits == 3 and "model" not in vars(rerun)  # never loaded
+        llm.chat([user("something new")], sampling, "t/1")
+        assert llm.last.misses == 1 and "model" in vars(rerun)
+
+
+def test_without_generation_config_json_the_model_config_gives_the_special_tokens(tmp_path):
+    """What `from_pretrained` derives for a checkpoint that has no generation_config.json."""
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_chat_model(tmp_path / "bare")
+    (path / "generation_config.json").unlink()
+    bare = HFBackend(path)
+    loaded = AutoModelForCausalLM.from_pretrained(path).generation_config
+    assert bare.eos_ids == [loaded.eos_token_id] == [bare.tokenizer.eos_token_id]
+    assert bare.generation_config.bos_token_id == loaded.bos_token_id is not None
+    (out,) = bare.generate([user("hello")], Sampling(max_new_tokens=4))
+    assert out.completion_tokens > 0 and bare.model.generation_config is bare.generation_config
 
 
 def test_seeded_sampling_is_reproducible_and_depends_on_the_seed(backend):

@@ -99,10 +99,13 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert lr_factor(7, 10, TrainConfig(warmup_steps=1, lr_schedule="constant")) == 1.0
 
 
-def test_stages_train_from_each_other_with_their_rope_base(setup):
+def test_stages_train_from_each_other_with_their_rope_base(setup, caplog):
     tmp_path, base, seqs = setup
     params = make_params(steps=6)
-    summary = run(tmp_path, base, seqs, params, "s0")
+    with caplog.at_level("INFO", logger="longctx.train.checkpoint"):
+        summary = run(tmp_path, base, seqs, params, "s0")
+    # every 2 steps but the last: the model is saved then (and the checkpoints deleted)
+    assert re.findall(r"checkpoint: step (\d+)", caplog.text) == ["2", "4"]
     out = tmp_path / "s0"
     config = json.loads((out / "model" / "config.json").read_text())
     # base length 32 (stages.base_length) and base 1e4 (the tiny Llama's) -> x4 per doubling

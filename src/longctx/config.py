@@ -488,7 +488,8 @@ class TrainConfig(Section):
         "updates smaller than bf16's precision, e.g. a few small-lr steps)"
     )
     checkpoint_every: PositiveInt = Field(
-        default=50, description="save resumable state every N steps in checkpoints/stage-<k>/"
+        default=50, description="save resumable state every N steps in checkpoints/stage-<k>/ "
+        "(not after the last: the stage's model is saved then)"
     )
     keep_checkpoints: PositiveInt = Field(default=2, description="checkpoints kept per stage")
     log_every: PositiveInt = Field(default=1, description="a log line (loss, lr, grad norm, "

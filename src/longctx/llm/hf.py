@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from longctx.errors import LongctxError
+from longctx.errors import LongctxError, one_line
 from longctx.hub import hub_snapshot, looks_like_path, resolve_device
 from longctx.llm.base import Chat, Completion, Sampling, check_window
 from longctx.repro import sha256_file
@@ -92,48 +92,77 @@ def render_chat(tokenizer: Any, chat: Chat) -> str:
 # --------------------------------------------------------------------------- the backend
 
 
+def _generation_config(path: Path, config: Any) -> Any:
+    """What `from_pretrained` gives a model as its generation_config, without its weights:
+    the checkpoint's generation_config.json, or else the one derived from its config."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json
+        return GenerationConfig.from_model_config(config)
+
+
 class HFBackend:
-    """transformers `generate` on one device; `model` is a local dir or a hub id."""
+    """transformers `generate` on one device; `model` is a local dir or a hub id.
+
+    The tokenizer (prompts are rendered, counted and keyed with it) loads at once; the
+    weights on the first generation, so a step whose calls are all cached never loads them.
+    """
 
     name = "hf"
 
     def __init__(self, model: str | Path, *, device: str = "auto", dtype: str = "auto",
                  context_tokens: int | None = None, trust_remote_code: bool = False) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-        path, identity = resolve_model(str(model))
+        self.source = str(model)
+        self.path, identity = resolve_model(self.source)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.trust_remote_code = trust_remote_code
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
-                path, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, self.dtype), use_safetensors=True,
-                trust_remote_code=trust_remote_code,
-            )
-        except OSError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LongctxError(f"llm.model {str(model)!r}: cannot load: {first}") from None
-        self.model.to(self.device).eval()
+                self.path, trust_remote_code=trust_remote_code)
+            self.config = AutoConfig.from_pretrained(
+                self.path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise LongctxError(f"llm.model {self.source!r}: cannot load: {one_line(exc)}") from None
         # CPU compute grows with every token, padding included; a GPU prefers one big batch
         self.unpadded_prefill = self.device == "cpu"
 
         self.tokenizer.padding_side = "left"
-        self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
+        checkpoint_generation = _generation_config(self.path, self.config)
+        self.eos_ids = eos_token_ids(self.tokenizer, checkpoint_generation)
         if not self.eos_ids:
             raise LongctxError(f"llm.model {str(model)!r}: no eos token: generation cannot stop")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.eos_ids[0])
         # Only the special tokens survive from the checkpoint's decoding defaults.
-        self.model.generation_config = GenerationConfig(
-            bos_token_id=self.model.generation_config.bos_token_id,
+        self.generation_config = GenerationConfig(
+            bos_token_id=checkpoint_generation.bos_token_id,
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        window = getattr(self.model.config, "max_position_embeddings", None)
+        window = getattr(self.config, "max_position_embeddings", None)
         self.context_tokens = context_tokens or window
         self.identity = {"backend": "hf", "model": identity, "dtype": self.dtype}
+
+    @functools.cached_property
+    def model(self) -> Any:
+        """The weights, safetensors only, loaded on first use."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.path, config=self.config, dtype=getattr(torch, self.dtype),
+                use_safetensors=True, trust_remote_code=self.trust_remote_code)
+        except OSError as exc:
+            raise LongctxError(f"llm.model {self.source!r}: cannot load: {one_line(exc)}") from None
+        model.to(self.device).eval()
+        model.generation_config = self.generation_config
+        return model
 
     def render(self, chat: Chat) -> str:
         return render_chat(self.tokenizer, chat)

@@ -10,11 +10,12 @@ sequence are never materialised whole (chunked cross-entropy), activations are r
 the backward pass, bf16 autocast on GPU, fp32 on CPU.
 
 Every check that can fail (schedule, data, initial weights) runs before the model loads.
-Resumable state goes to `checkpoints/stage-<k>/` every `checkpoint_every` steps and on
-SIGTERM (then stop) or SIGUSR1 (then go on); a rerun resumes from the newest one with the
-same weights, optimizer, data position and RNG states, so a killed-and-resumed stage ends
-with the weights of an uninterrupted one. Once the stage's model is written, its checkpoints
-are deleted (the next stage starts with a fresh optimizer; they would only take disk).
+Resumable state goes to `checkpoints/stage-<k>/` every `checkpoint_every` steps (but the last,
+which the stage's model follows at once) and on SIGTERM (then stop) or SIGUSR1 (then go on); a
+rerun resumes from the newest one with the same weights, optimizer, data position and RNG
+states, so a killed-and-resumed stage ends with the weights of an uninterrupted one. Once the
+stage's model is written, its checkpoints are deleted (the next stage starts with a fresh
+optimizer; they would only take disk).
 """
 
 from __future__ import annotations
@@ -463,7 +464,10 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
                 on_step(step)
 
             received = signals.take(accelerator)
-            if step % cfg.checkpoint_every == 0 or received:
+            # not after the last step: the stage's weights are saved next, and its checkpoints
+            # deleted (a model-sized write plus the optimizer's, for nothing)
+            due = step % cfg.checkpoint_every == 0 and step < stage_cfg.steps
+            if due or received:
                 checkpoint.save(accelerator, run_dir, {"step": step, "history": history,
                                                        "stage": stage}, cfg.keep_checkpoints)
             if received == _Signals.CODES[signal.SIGTERM]:
