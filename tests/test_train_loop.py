@@ -441,6 +441,42 @@ def test_launcher_relaunches_only_when_asked(monkeypatch, root):
     assert launcher(TrainConfig(processes=2), argv) is None
 
 
+DYING_LAUNCHER = """
+import os, signal, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+while not os.path.exists(sys.argv[2] + ".ready"):
+    time.sleep(0.05)
+time.sleep(1.5)  # (`run` looks for its processes twice a second)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+SAVING_WORKER = """
+import signal, sys, time
+from longctx.train.launch import stop_with_launcher
+
+def save(signum, frame):
+    time.sleep(1.5)  # a checkpoint being written
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, save)
+stop_with_launcher()
+open(sys.argv[1] + ".ready", "w").close()
+signal.pause()
+"""
+
+
+def test_a_killed_launchers_processes_save_before_the_command_returns(tmp_path):
+    """torchrun SIGKILLed (by the OOM killer, say): its training processes get SIGTERM, and
+    `longctx train` fails only once they have saved and stopped, so a rerun that the
+    workflow starts at once never races their checkpoint."""
+    from longctx.train.launch import run as run_launcher
+
+    out = tmp_path / "checkpoint"
+    status = run_launcher([sys.executable, "-c", DYING_LAUNCHER, SAVING_WORKER, str(out)])
+    assert status == -signal.SIGKILL
+    assert out.read_text() == "saved"
+
+
 def test_a_checkpoint_of_other_inputs_is_never_resumed(setup):
     """Same directories, another learning rate: the old run's state is left out (and cleared)."""
     tmp_path, base, seqs = setup

@@ -46,18 +46,26 @@ def run(command: list[str]) -> int:
     whatever they were saving, and die of SIGUSR1, leaving them to train on unwatched; they
     start sessions of their own, so a terminal's or a scheduler's process-group signal does not
     reach them either. If this process is killed outright, the launcher gets SIGTERM and
-    passes it on."""
+    passes it on. If the launcher dies first, its processes get SIGTERM (`stop_with_launcher`)
+    and this returns once they have saved and stopped, so a rerun never races their writes."""
     import psutil
 
     die_with_parent = _parent_death_signal()
     launcher = subprocess.Popen(command, preexec_fn=die_with_parent)
+    seen: dict[int, psutil.Process] = {}  # every training process the launcher started
+
+    def workers() -> list[psutil.Process]:
+        try:
+            current = psutil.Process(launcher.pid).children()
+        except psutil.NoSuchProcess:
+            current = []
+        seen.update((p.pid, p) for p in current)
+        return current
 
     def forward(signum: int, frame: Any) -> None:
-        try:
-            workers = psutil.Process(launcher.pid).children()
-        except psutil.NoSuchProcess:
+        if launcher.poll() is not None:
             return
-        targets = workers or ([] if signum == signal.SIGUSR1 else [launcher])
+        targets = workers() or ([] if signum == signal.SIGUSR1 else [launcher])
         for target in targets:  # (none yet for SIGUSR1: there is nothing to save)
             try:
                 target.send_signal(signum)
@@ -66,7 +74,14 @@ def run(command: list[str]) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
-        return launcher.wait()
+        while True:
+            try:
+                status = launcher.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                workers()
+        psutil.wait_procs(list(seen.values()))  # orphans saving a checkpoint, if it died
+        return status
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
