@@ -1,12 +1,14 @@
 """The Snakemake DAG is the one hand-written DAG; dvc.yaml must mirror it exactly."""
 
+import io
+import logging
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from longctx.cli import main
+from longctx.cli import AboveProgressBars, main
 from longctx.dvc_export import export_dvc_yaml
 from longctx.workflow import check_config
 
@@ -100,3 +102,21 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"longctx validate: error: {bad}: embed.batchsize: unknown key"
     ]
+
+
+def test_log_lines_go_above_a_progress_bar_not_into_it():
+    """On a terminal the training bar and the step lines share stderr: each line is printed
+    on a line of its own (the bar cleared first) and the bar drawn again below it."""
+    from tqdm import tqdm
+
+    stream = io.StringIO()
+    handler = AboveProgressBars(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("longctx", logging.INFO, __file__, 1, "step 1: loss 2.5", (), None)
+    with tqdm(total=3, desc="train stage 0", file=stream, disable=False) as bar:
+        bar.update(1)
+        handler.emit(record)
+        drawn, logged = stream.getvalue(), len(stream.getvalue())
+    line = next(x for x in drawn.split("\n") if "loss 2.5" in x)
+    assert line.rsplit("\r", 1)[-1] == "step 1: loss 2.5"  # not after the bar's text
+    assert "train stage 0:  33%" in drawn[drawn.index("loss 2.5"):logged]  # the bar again

@@ -457,11 +457,27 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").addFilter(_Drop("Setting accelerator to CPU"))
 
 
+class AboveProgressBars(logging.StreamHandler):
+    """Log lines go above tqdm's progress bars on the same stream instead of into the middle
+    of one: tqdm.write clears the bars, writes the line, and draws them again."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except RecursionError:  # as logging.StreamHandler does
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under a launcher
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[AboveProgressBars()])
     if not args.verbose:
         _quiet_libraries()
     try:

@@ -147,7 +147,7 @@ def make_server(model_dir: str | Path | None, host: str = "127.0.0.1", port: int
         from longctx.llm.hf import HFBackend
 
         backend = HFBackend(model_dir, device=device, dtype=dtype, context_tokens=context_tokens)
-        backend.model  # noqa: B018 -- the weights load now, not on the first request
+        backend.model  # the weights load now, not on the first request
     server = ThreadingHTTPServer((host, port), make_handler(backend, model_name, api_key))
     server.daemon_threads = True
     return server
