@@ -135,7 +135,7 @@ class HFBackend:
         checkpoint_generation = _generation_config(self.path, self.config)
         self.eos_ids = eos_token_ids(self.tokenizer, checkpoint_generation)
         if not self.eos_ids:
-            raise LongctxError(f"llm.model {str(model)!r}: no eos token: generation cannot stop")
+            raise LongctxError(f"llm.model {self.source!r}: no eos token: generation cannot stop")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.eos_ids[0])
         # Only the special tokens survive from the checkpoint's decoding defaults.
