@@ -450,12 +450,12 @@ time.sleep(1.5)  # (`run` looks for its processes twice a second)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 SAVING_WORKER = """
-import signal, sys, time
+import os, signal, sys, time
 from longctx.train.launch import stop_with_launcher
 
 def save(signum, frame):
     time.sleep(1.5)  # a checkpoint being written
-    open(sys.argv[1], "w").write("saved")
+    open(sys.argv[1], "w").write(f"saved, child of {os.getppid()}")
     sys.exit(0)
 
 signal.signal(signal.SIGTERM, save)
@@ -465,7 +465,7 @@ signal.pause()
 """
 
 
-def test_a_killed_launchers_processes_save_before_the_command_returns(tmp_path):
+def test_a_killed_launchers_processes_save_before_the_command_returns(tmp_path, caplog):
     """torchrun SIGKILLed (by the OOM killer, say): its training processes get SIGTERM, and
     `longctx train` fails only once they have saved and stopped, so a rerun that the
     workflow starts at once never races their checkpoint."""
@@ -474,7 +474,8 @@ def test_a_killed_launchers_processes_save_before_the_command_returns(tmp_path):
     out = tmp_path / "checkpoint"
     status = run_launcher([sys.executable, "-c", DYING_LAUNCHER, SAVING_WORKER, str(out)])
     assert status == -signal.SIGKILL
-    assert out.read_text() == "saved"
+    assert out.read_text() == f"saved, child of {os.getpid()}"  # adopted, then reaped
+    assert "launcher ended (status -9); waiting for 1 training process(es)" in caplog.text
 
 
 def test_a_checkpoint_of_other_inputs_is_never_resumed(setup):

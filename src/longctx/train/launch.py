@@ -7,6 +7,7 @@ without it.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from typing import Any
 
 from longctx.config import TrainConfig
 from longctx.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def launcher(cfg: TrainConfig, argv: list[str]) -> list[str] | None:
@@ -73,6 +76,7 @@ def run(command: list[str]) -> int:
                 pass
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    _adopt_orphans(True)  # a dead launcher's processes become ours: waited for, and reaped
     try:
         while True:
             try:
@@ -80,20 +84,36 @@ def run(command: list[str]) -> int:
                 break
             except subprocess.TimeoutExpired:
                 workers()
-        psutil.wait_procs(list(seen.values()))  # orphans saving a checkpoint, if it died
+        orphans = [p for p in seen.values() if p.is_running()]
+        if orphans:  # it died: they got SIGTERM and are saving a checkpoint
+            log.warning("the launcher ended (status %d); waiting for %d training process(es) "
+                        "to save and stop", status, len(orphans))
+            psutil.wait_procs(orphans)
         return status
     finally:
+        _adopt_orphans(False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+def _prctl() -> Any:
+    """Linux's prctl, or None elsewhere."""
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _parent_death_signal() -> Any:
     """A function that, called in a process, has SIGTERM sent to it when its parent dies
-    (Linux's PR_SET_PDEATHSIG); None elsewhere. Resolved here, not in a forked child."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    (PR_SET_PDEATHSIG); None off Linux. Resolved here, not in a forked child."""
+    prctl = _prctl()
+    return None if prctl is None else lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _adopt_orphans(on: bool) -> None:
+    """Orphaned descendants become this process's children (PR_SET_CHILD_SUBREAPER), not
+    init's, which in a container may never reap them (and a zombie looks alive)."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(36, int(on))  # 36: PR_SET_CHILD_SUBREAPER
 
 
 def stop_with_launcher() -> None:
