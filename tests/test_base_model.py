@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from longctx.assets import bundled_embedder
-from longctx.base_model import MANIFEST, prepare_base_model
+from longctx.base_model import MANIFEST, prepare_base_model, write_model_dir
 from longctx.config import BaseModelConfig
 from longctx.errors import LongctxError
 
@@ -38,6 +38,23 @@ def test_local_directory_becomes_a_safetensors_dir_with_manifest(tiny_llama_dir,
     for (name, a), (_, b) in zip(original.named_parameters(), model.named_parameters()):
         assert torch.allclose(a.to(torch.bfloat16), b), name
     assert not list(tmp_path.joinpath("models").glob(".*tmp*"))
+
+
+def test_model_dir_bytes_do_not_depend_on_offline_mode(tiny_llama_dir, tmp_path):
+    """HF_HUB_OFFLINE makes transformers load with local_files_only=True, which it keeps and
+    would save into tokenizer_config.json (and so into the manifest and every cache key):
+    the same model, loaded offline or not, must give the same bytes."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    written = []
+    for offline in (True, False):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        tokenizer.init_kwargs["local_files_only"] = offline  # as from_pretrained records it
+        out = tmp_path / f"offline-{offline}"
+        write_model_dir(out, model, tokenizer, "float32", {})
+        written.append({f.name: f.read_bytes() for f in sorted(out.iterdir())})
+        assert tokenizer.init_kwargs["local_files_only"] is offline  # left as it was
+    assert written[0] == written[1]
+    assert b"local_files_only" not in written[0]["tokenizer_config.json"]
 
 
 @pytest.mark.parametrize(

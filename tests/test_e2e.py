@@ -137,8 +137,6 @@ def test_snakemake_builds_the_whole_dag(by_snakemake):
 
 def test_each_stage_carries_its_scheduled_rope_base_and_a_loss_curve(by_snakemake):
     """micro: base_length 256 at the model's 1e5, stages 512 and 1024 -> x4 per doubling."""
-    import json
-
     for k, (length, theta) in enumerate([(512, 4e5), (1024, 1.6e6)]):
         config = json.loads((by_snakemake / f"models/stage-{k}/config.json").read_text())
         assert config["max_position_embeddings"] == length
@@ -150,6 +148,23 @@ def test_each_stage_carries_its_scheduled_rope_base_and_a_loss_curve(by_snakemak
     assert "sample 1/" in shown and "[[" in shown, shown
     metrics = run(by_snakemake, "dvc", "metrics", "show")
     assert "results/train/stage-1/metrics.json" in metrics and "rope_theta" in metrics
+
+
+def test_long_samples_reach_training_and_learn_all_but_their_first_token(by_dvc):
+    """The DAG's own long samples (instruction + raw documents -> response) are packed into
+    every stage and learn every token but the first; training learns exactly the tokens the
+    pack flags in the sequences it reads (micro: one per step)."""
+    import pyarrow.parquet as pq
+
+    project, _ = by_dvc
+    for k in range(2):
+        rows = pq.read_table(project / f"data/pack/stage-{k}/sequences.parquet").to_pylist()
+        longs = [r for r in rows if r["kind"] == "long"]
+        assert longs, f"stage {k}: no long sequences"
+        assert all(not r["learn"][0] and all(r["learn"][1:]) for r in longs)
+        trained = json.loads((project / f"results/train/stage-{k}/metrics.json").read_text())
+        read = rows[:trained["stage"]["steps"]]
+        assert trained["stage"]["learnt_tokens"] == sum(sum(r["learn"]) for r in read)
 
 
 def test_show_prints_an_instructions_whole_story(by_snakemake):

@@ -7,6 +7,7 @@ ChatML template adds 21 tokens around a user + assistant chat: sizes below are e
 import json
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -134,7 +135,9 @@ def test_long_sample_fits_cuts_the_last_document_on_a_boundary_and_learns_everyt
     rows, stats = run(world, synth, params(400, mixture=ONLY_LONG, min_cut_tokens=40))
     assert len(rows) == 1 and rows[0]["kind"] == "long" and rows[0]["sample_ids"] == ["i1"]
     row = rows[0]
-    assert all(row["learn"]) and row["sample_lengths"] == [len(row["input_ids"])]
+    # every token but the first, which nothing predicts
+    assert not row["learn"][0] and all(row["learn"][1:])
+    assert row["sample_lengths"] == [len(row["input_ids"])]
     assert len(row["input_ids"]) <= 400
     text = decode(tokenizer(world), row["input_ids"])
     assert text.endswith(f"<|im_start|>assistant\n{ANSWER}{END}")  # the response is whole
@@ -152,7 +155,7 @@ def test_long_sample_fits_cuts_the_last_document_on_a_boundary_and_learns_everyt
     assert long["available_samples"] == 2  # the kept responses
     assert long["dropped"] == {"too_long": 1, "under_filled": 0}
     n = len(row["input_ids"])
-    assert (long["samples"], long["tokens"], long["learnt_tokens"]) == (1, n, n)
+    assert (long["samples"], long["tokens"], long["learnt_tokens"]) == (1, n, n - 1)
     assert stats["padding_fraction"] == round(1 - len(row["input_ids"]) / 400, 6)
 
 
@@ -389,7 +392,9 @@ def test_mixture_counts_and_repeats(world, tmp_path):
     longs = Counter(tuple(r["sample_ids"]) for r in rows if r["kind"] == "long")
     assert set(longs) == {("i1",), ("i2",)} and min(longs.values()) >= 2
     lo = [r for r in rows if r["kind"] == "long_output"]
-    assert all(len(r["sample_lengths"]) == 3 and all(r["learn"]) for r in lo)
+    for r in lo:  # each sample learns all but its first token
+        starts = np.cumsum([0] + r["sample_lengths"][:-1]).tolist()
+        assert len(starts) == 3 and [t for t, f in enumerate(r["learn"]) if not f] == starts
     assert all(len(r["input_ids"]) <= 250 for r in rows if r["kind"] == "short")
     assert stats["mixture"] == mixture and stats["sequences"] == 10
     assert sum(h["sequences"] for h in stats["length_histogram"]) == 10

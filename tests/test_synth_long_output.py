@@ -110,14 +110,17 @@ def test_clean_instruction_finds_the_writing_instruction_in_chatter(raw, clean, 
 
 
 def test_reasons_are_counted_and_rows_keep_the_cleaned_instruction(tmp_path):
-    docs, _ = write_corpus(tmp_path, [60, 60, 60, 60, 60, 60, 60])
+    docs, _ = write_corpus(tmp_path, [60] * 9)
     replies = {0: echo("d0p0"), 1: "**\n", 2: "Write an article about\x00", 3: "Write it.",
                4: "I'm ready to help you with your article. What topic do you have in mind?",
                5: "Write a report on volcanoes in Iceland.\nI hope this helps, and if\x00",
-               6: "Write an article about the Austronesian" + " Austronesian" * 12}
-    stats, rows = run(tmp_path, scripted_llm(lambda m: replies[doc_of(m)]), docs, count=7)
+               6: "Write an article about the Austronesian" + " Austronesian" * 12,
+               7: "Write an instruction that asks an AI assistant to write this text.",
+               8: "Write a 300-word summary of the excerpt above."}  # the prompt echoed
+    stats, rows = run(tmp_path, scripted_llm(lambda m: replies[doc_of(m)]), docs, count=9)
     assert [r["reason"] for r in rows] == [None, "empty", "truncated", "too_short",
-                                           "not_an_instruction", None, "repetitive"]
+                                           "not_an_instruction", None, "repetitive",
+                                           "not_self_contained", "not_self_contained"]
     assert rows[5]["instruction"] == "Write a report on volcanoes in Iceland."  # cut after it
     good = rows[0]
     assert good["instruction"] == "Write an article about topic d0 in detail."
@@ -126,6 +129,7 @@ def test_reasons_are_counted_and_rows_keep_the_cleaned_instruction(tmp_path):
     assert rows[2]["finish_reason"] == "length"
     assert stats["kept"] == 2 and stats["dropped"] == {"empty": 1, "truncated": 1,
                                                        "not_an_instruction": 1,
+                                                       "not_self_contained": 2,
                                                        "repetitive": 1,
                                                        "too_short": 1}
     assert stats["kept"] + sum(stats["dropped"].values()) == stats["candidates"]

@@ -113,6 +113,20 @@ def prepare_base_model(cfg: BaseModelConfig, out_dir: Path) -> dict[str, Any]:
     return write_model_dir(out_dir, model, tokenizer, cfg.dtype, {"source": source})
 
 
+# How a tokenizer was loaded, which transformers keeps among its init kwargs and would save:
+# whether HF_HUB_OFFLINE was set must not change an artifact's bytes.
+_LOADING_OPTIONS = ("local_files_only",)
+
+
+def _save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    options = {k: tokenizer.init_kwargs.pop(k) for k in _LOADING_OPTIONS
+               if k in tokenizer.init_kwargs}
+    try:
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        tokenizer.init_kwargs.update(options)
+
+
 def write_model_dir(out_dir: Path, model: Any, tokenizer: Any, dtype: str,
                     extra: dict[str, Any], state_dict: dict[str, Any] | None = None
                     ) -> dict[str, Any]:
@@ -122,7 +136,7 @@ def write_model_dir(out_dir: Path, model: Any, tokenizer: Any, dtype: str,
     config = model.config
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        _save_tokenizer(tokenizer, tmp)
         manifest = {
             **extra,
             "dtype": dtype,

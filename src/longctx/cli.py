@@ -137,10 +137,15 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise LongctxError(f"stage {args.stage}: a training process failed or was stopped "
                                "(see above)")
         return
-    from longctx.train.loop import train_stage  # (torch: not in a process that relaunches)
+    from longctx.train.loop import TrainingInterrupted, train_stage  # (torch: not relaunching)
 
-    summary = train_stage(params, args.stage, args.base, args.init, args.sequences, args.out,
-                          args.live, args.checkpoints)
+    try:
+        summary = train_stage(params, args.stage, args.base, args.init, args.sequences,
+                              args.out, args.live, args.checkpoints)
+    except TrainingInterrupted:
+        if os.environ.get("RANK", "0") != "0":  # every process stopped alike: rank 0 says so
+            sys.exit(1)
+        raise
     log.info("train: stage %d (length %d, RoPE base %g), %d steps, final loss %s -> %s",
              args.stage, summary["length"], summary["rope_theta"], summary["steps"],
              summary["final_loss"], args.out)

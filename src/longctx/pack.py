@@ -41,7 +41,7 @@ from longctx.errors import LongctxError, one_line
 from longctx.llm.base import derive_seed
 from longctx.synth.prompts import merge_prompt, qfs_prompt
 from longctx.synth.tables import count_reasons, read_documents, read_table
-from longctx.tokens import Counter, split_chunks, token_counter
+from longctx.tokens import Counter, load_tokenizer, split_chunks, token_counter
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,8 @@ class ChatTokenizer:
     """The base model's tokenizer and chat template: chat -> ids, and assistant-only masks."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        from transformers import AutoTokenizer  # slow import, only when packing
-
         self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():  # a missing path would be taken for a hub id
-            raise LongctxError(f"{model_dir}: model directory not found")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        except (OSError, ValueError) as exc:
-            raise LongctxError(f"{model_dir}: cannot load a tokenizer ({one_line(exc)})") from None
+        self.tokenizer = load_tokenizer(model_dir)
         if not getattr(self.tokenizer, "chat_template", None):
             raise LongctxError(f"{model_dir}: the tokenizer has no chat template")
 
@@ -103,8 +96,12 @@ class ChatTokenizer:
         return list(out)
 
     def all_learnt(self, sample_id: str, chat: Chat) -> Tokenized:
+        """Learn every token but the first, which nothing before it predicts (so the flags,
+        and the stats counted from them, say exactly what training learns)."""
         ids = self.ids(chat)
-        return Tokenized(sample_id, np.asarray(ids, np.int32), np.ones(len(ids), bool))
+        learn = np.ones(len(ids), bool)
+        learn[:1] = False
+        return Tokenized(sample_id, np.asarray(ids, np.int32), learn)
 
     def assistant_learnt(self, sample_id: str, chat: Chat) -> Tokenized:
         """Learn exactly the tokens each assistant turn adds after its generation prompt
@@ -530,7 +527,7 @@ def pack_stage(params: Params, stage: int, model_dir: str | Path, docs: str | Pa
 
     made: dict[str, tuple[list[Tokenized], dict]] = {}
     empty: tuple[list[Tokenized], dict] = ([], {"available_samples": 0, "reasons": []})
-    made["long"] = _long_samples(cfg, chat, token_counter(Path(model_dir)), length,
+    made["long"] = _long_samples(cfg, chat, token_counter(chat.tokenizer), length,
                                  seed, paths) if shares["long"] > 0 else empty
     made["long_output"] = _long_output_samples(chat, length, Path(long_output)) \
         if shares["long_output"] > 0 else empty

@@ -10,6 +10,7 @@ from typing import Any
 
 from longctx.errors import LongctxError
 from longctx.pack import read_sequences
+from longctx.tokens import load_tokenizer
 
 GREEN, GREY, RESET = "\x1b[32m", "\x1b[90m", "\x1b[0m"
 
@@ -48,14 +49,12 @@ def pack_show(path: str | Path, model_dir: str | Path, sequence: int | None = No
               color: str = "auto", max_tokens: int | None = None) -> str:
     """The token-role view of sequences.parquet: every sequence (or one), sample by sample,
     with the tokens that carry loss marked."""
-    from transformers import AutoTokenizer
-
     if max_tokens is not None and max_tokens < 1:
         raise LongctxError(f"--max-tokens must be positive, got {max_tokens}")
     table = read_sequences(path)
     if not Path(model_dir).is_dir():
         raise LongctxError(f"{model_dir}: model directory not found (--model)")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     if sequence is not None and not 0 <= sequence < len(table):
         raise LongctxError(f"{path}: no sequence {sequence} (it has {len(table)})")

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from longctx.errors import LongctxError, one_line
 
@@ -23,17 +24,24 @@ _SEPARATORS = [re.compile(r"\n\s*\n"), re.compile(r"\n"), re.compile(r"(?<=[.!?]
                re.compile(r"\s+")]
 
 
-def token_counter(tokenizer_dir: Path) -> Counter:
-    """Batched token counts without special tokens. The fast backend is called directly, with
-    the truncation/padding its tokenizer.json may carry switched off (they would cap counts)."""
-    from transformers import AutoTokenizer  # slow import, only when tokens are counted
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The transformers tokenizer (and chat template) of a local model dir; the errors name
+    the dir. Checked first: a missing path would be taken for a hub id."""
+    from transformers import AutoTokenizer  # slow import, only when tokens are needed
 
-    if not Path(tokenizer_dir).is_dir():  # a missing path would be taken for a hub id
-        raise LongctxError(f"{tokenizer_dir}: tokenizer directory not found")
+    if not Path(model_dir).is_dir():
+        raise LongctxError(f"{model_dir}: model directory not found")
     try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
-        raise LongctxError(f"{tokenizer_dir}: cannot load a tokenizer ({one_line(exc)})") from None
+        raise LongctxError(f"{model_dir}: cannot load a tokenizer ({one_line(exc)})") from None
+
+
+def token_counter(tokenizer: str | Path | Any) -> Counter:
+    """Batched token counts without special tokens, of a model dir's tokenizer or of one
+    loaded. The fast backend is called directly, with the truncation/padding its
+    tokenizer.json may carry switched off (they would cap counts)."""
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         return lambda texts: [

@@ -16,6 +16,7 @@ from typing import Literal
 from longctx.errors import LongctxError, one_line
 from longctx.llm.hf import render_chat
 from longctx.repro import atomic_path
+from longctx.tokens import load_tokenizer
 
 Metric = Literal["all", "part"]  # RULER's string_match_all / string_match_part
 PromptMeasure = Callable[[str, str], int]  # (user prompt, answer prefix) -> rendered tokens
@@ -48,13 +49,7 @@ class ChatMeasure:
     """Token counts of prompts as rendered by the tokenizer's chat template (exact)."""
 
     def __init__(self, tokenizer_dir: str | Path) -> None:
-        from transformers import AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        except (OSError, ValueError) as exc:
-            raise LongctxError(f"{tokenizer_dir}: cannot load a tokenizer ({one_line(exc)})") \
-                from None
+        self.tokenizer = load_tokenizer(tokenizer_dir)
 
     def render(self, prompt: str, answer_prefix: str) -> str:
         return render_chat(self.tokenizer, chat_messages(prompt, answer_prefix))

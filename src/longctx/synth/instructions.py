@@ -25,6 +25,7 @@ from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
 from longctx.synth.prompts import VERSIONS, instructions_prompt
+from longctx.synth.quality import REFERS_TO_PROMPT_TEXT
 from longctx.synth.tables import count_reasons, read_documents, read_table, write_table
 from longctx.tokens import Counter, split_chunks
 
@@ -44,9 +45,7 @@ _MARKER = re.compile(r"^(?:[-*•+]\s+|\(\d{1,2}\)\s*|\d{1,2}(?:[.):\]]|\s+-)(?!
                      re.IGNORECASE)
 # An instruction must stand without the seed chunk (the training sample will not have it),
 # and must not be about instructions (small models write "The first instruction is to ...").
-_REFERS_TO_PROMPT = re.compile(
-    r"\b(?:this|above|given|provided|following|the)\s+(?:text|piece|passage|excerpt|paragraph)\b"
-    r"|\binstructions?\b", re.IGNORECASE)
+_REFERS_TO_PROMPT = re.compile(REFERS_TO_PROMPT_TEXT + r"|\binstructions?\b", re.IGNORECASE)
 _QUOTES = [('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`")]
 
 

@@ -22,7 +22,7 @@ from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
 from longctx.synth import prompts
-from longctx.synth.quality import is_repetitive
+from longctx.synth.quality import REFERS_TO_PROMPT_TEXT, is_repetitive
 from longctx.synth.tables import (count_reasons, mean_max, read_documents, read_table,
                                    write_table)
 from longctx.tokens import split_chunks
@@ -39,13 +39,18 @@ LONG_OUTPUT_SCHEMA = pa.schema([
     ("kept", pa.bool_()),
     ("reason", pa.string()),
 ])
-REASONS = ("empty", "truncated", "too_short", "not_an_instruction", "repetitive")
+REASONS = ("empty", "truncated", "too_short", "not_an_instruction", "not_self_contained",
+           "repetitive")
 MIN_WORDS = 4
 GAP = "\n\n[...]\n\n"  # between the start and the end of an excerpt
 WINDOW_MARGIN = 32  # chat-template tokens around the prompt
 
 _LABEL = re.compile(r"^\s*(the\s+)?(writing\s+)?instruction\s*:\s*", re.IGNORECASE)
 _WRITING = re.compile(r"(write|compose|create|draft|produce)\b", re.IGNORECASE)
+# The prompt echoed ("Write an instruction that asks an AI assistant to write this text."):
+# no topic, so no use as an instruction without the document.
+_ECHO = re.compile(REFERS_TO_PROMPT_TEXT + r"|\bAI assistant\b|\binstructions? (?:that|which)\b",
+                   re.IGNORECASE)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
 
 
@@ -135,6 +140,8 @@ def reject_reason(text: str, finish_reason: str, at_end: bool = True,
         return "too_short"
     if not _WRITING.match(text):  # e.g. "I'm ready to help", or a summary of the text
         return "not_an_instruction"
+    if _ECHO.search(text):
+        return "not_self_contained"
     if is_repetitive(text, max_repeated_fraction):
         return "repetitive"
     return None

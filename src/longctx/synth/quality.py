@@ -1,4 +1,5 @@
-"""Checks of model output shared by the synthesis steps: refusals and loops.
+"""Checks of model output shared by the synthesis steps: refusals, loops, references to the
+prompt.
 
 A small generator often declines or loops on one phrase under greedy decoding; such text must
 not become training data. Each check is cheap and conservative: it looks at openings and
@@ -29,6 +30,9 @@ REFUSALS = [re.compile(p, re.IGNORECASE) for p in (
     rf"the {_SOURCES} (do|does) not (contain|mention|provide|include|say|discuss)\b",
     rf"unfortunately,? (i|the {_SOURCES}|there (is|are) no)\b",
 )]
+# A reference to the text the prompt showed, which the training sample will not have.
+REFERS_TO_PROMPT_TEXT = (r"\b(?:this|above|given|provided|following|the)\s+"
+                         r"(?:text|piece|passage|excerpt|paragraph)\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
