@@ -74,10 +74,18 @@ def sha256_dir(path: str | Path) -> dict[str, str]:
     }
 
 
-def fingerprint(obj: Any) -> str:
-    """A short stable hash of a JSON-able object (config sections, cache keys)."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def canonical_json(obj: Any) -> str:
+    """One spelling per JSON-able value: sorted keys, no whitespace, non-ASCII escaped (so any
+    string, even one with a lone surrogate from bad input, hashes). Every hash of a value in
+    longctx (fingerprints, LLM cache keys, derived seeds) is taken over this text; anything
+    not JSON-able is refused rather than hashed by an unstable repr."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint(obj: Any, chars: int = 16) -> str:
+    """A stable hex hash of a JSON-able value (config sections, cache keys and names), its
+    first `chars` hex digits (64: the whole sha256)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:chars]
 
 
 def cache_root() -> Path:

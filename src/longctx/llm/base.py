@@ -8,11 +8,11 @@ rendered prompts of the batch, the sampling) so the call cache can stand in for 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from longctx.errors import LongctxError
+from longctx.repro import canonical_json
 
 Chat = list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": "..."}]
 FinishReason = Literal["stop", "length"]
@@ -70,12 +70,6 @@ class Backend(Protocol):
     def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
         """Complete every chat of one batch, in order."""
         ...
-
-
-def canonical_json(obj: Any) -> str:
-    """One spelling per value: sorted keys, no whitespace, non-ASCII escaped (so any string,
-    even one with a lone surrogate from bad input, hashes)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def derive_seed(*parts: Any) -> int:

@@ -9,15 +9,14 @@ keys are built from the backend's `identity`, which holds no secret.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from longctx.llm.base import Completion, Sampling, canonical_json
-from longctx.repro import cache_root
+from longctx.llm.base import Completion, Sampling
+from longctx.repro import cache_root, fingerprint
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -49,9 +48,8 @@ def call_key(identity: dict[str, Any], rendered: str, sampling: Sampling,
         decoding = {"max_new_tokens": sampling.max_new_tokens,
                     "temperature": sampling.temperature, "top_p": sampling.top_p}
         seed = sampling.seed
-    blob = canonical_json({"identity": identity, "prompt": rendered, "sampling": decoding,
-                           "seed": seed, "template_version": template_version})
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return fingerprint({"identity": identity, "prompt": rendered, "sampling": decoding,
+                        "seed": seed, "template_version": template_version}, chars=64)
 
 
 class CallCache:

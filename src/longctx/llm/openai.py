@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from longctx.errors import LongctxError
-from longctx.llm.base import Chat, Completion, Sampling, canonical_json, derive_seed
+from longctx.llm.base import Chat, Completion, Sampling, derive_seed
+from longctx.repro import canonical_json
 
 log = logging.getLogger(__name__)
 
