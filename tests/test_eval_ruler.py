@@ -4,6 +4,7 @@ Prompts are measured with the real SmolLM2 tokenizer and chat template (read fro
 GGUF once per module, about 10 s); the haystack text is built here, not read from data/.
 """
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -15,7 +16,12 @@ from longctx.eval.niah import niah_grid
 from longctx.eval.ruler import TASKS, generate
 from longctx.eval.ruler import cwe as cwe_mod
 from longctx.eval.ruler.niah import NOISE
-from longctx.eval.ruler.sources import TextSources, read_hotpotqa, read_squad, split_sentences
+from longctx.eval.ruler.sources import (
+    TextSources,
+    read_hotpotqa,
+    read_squad,
+    split_sentences,
+)
 from longctx.eval.samples import ChatMeasure
 
 MAX_NEW = {"vt": 30, "cwe": 120, "fwe": 50, "qa_1": 32, "qa_2": 32}
@@ -174,7 +180,7 @@ def test_vt_chain_and_worked_example(measure, sources):
     names = s.references
     assert len(names) == 5 and all(re.fullmatch(r"[A-Z]{5}", n) for n in names)
     value = re.search(rf"VAR {names[0]} = (\d{{5}})", s.prompt).group(1)
-    for prev, cur in zip(names, names[1:]):
+    for prev, cur in itertools.pairwise(names):
         assert f"VAR {cur} = VAR {prev} " in s.prompt
     assert s.answer_prefix == (
         "Answer: According to the chain(s) of variable assignment in the text above, 5 variables "
@@ -326,6 +332,20 @@ def test_bad_hotpotqa_file_is_named(tmp_path):
     path.write_text('[{"question": "q", "answer": "a", "context": [["t", "not a list"]]}]')
     with pytest.raises(LongctxError, match=r"hotpot.json: record 0.context\[0\]"):
         read_hotpotqa(path)
+
+
+@pytest.mark.parametrize("read, key, content, detail", [
+    (read_squad, "ruler.squad_path", "", " (0 bytes)"),
+    (read_squad, "ruler.squad_path", '{"data": []}', " ('data' is an empty list)"),
+    (read_hotpotqa, "ruler.hotpotqa_path", "", " (0 bytes)"),
+    (read_hotpotqa, "ruler.hotpotqa_path", "[]", " (an empty list)"),
+])
+def test_an_empty_qa_file_is_named(tmp_path, read, key, content, detail):
+    path = tmp_path / "qa.json"
+    path.write_text(content)
+    with pytest.raises(LongctxError) as info:
+        read(path)
+    assert str(info.value) == f"{key}: {path} holds no records{detail}"
 
 
 def test_sources_from_corpus_table(tmp_path):

@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from longctx.config import LLMConfig
-from longctx.errors import LongctxError
+from longctx.config import LLMConfig, validate_params
+from longctx.errors import ConfigError, LongctxError
 from longctx.llm import make_llm
 
 
@@ -15,9 +15,11 @@ def test_vllm_without_the_extra_says_how_to_install(tmp_path):
         make_llm(LLMConfig(backend="vllm"), tmp_path, cache_path=tmp_path / "c.sqlite")
 
 
-def test_openai_needs_a_base_url(tmp_path):
-    with pytest.raises(LongctxError, match="llm.base_url: required"):
-        make_llm(LLMConfig(backend="openai"), tmp_path, cache_path=tmp_path / "c.sqlite")
+def test_openai_needs_a_base_url():
+    """Refused with the params, not when the synthesis step first opens the LLM."""
+    with pytest.raises(ConfigError, match=r"^params: llm\.base_url: required when llm\.backend "
+                                          r"is 'openai'$"):
+        validate_params({"llm": {"backend": "openai"}})
 
 
 def test_openai_batches_keep_every_connection_busy(tmp_path):

@@ -18,7 +18,14 @@ from synth_data import scripted_llm
 from longctx.cli import main
 from longctx.config import EmbedConfig, IndexConfig, Params, SummarizeConfig
 from longctx.errors import LongctxError
-from longctx.pack import SCHEMA, first_fit, largest_remainder, pack_stage, qfs_chats, read_sequences
+from longctx.pack import (
+    SCHEMA,
+    first_fit,
+    largest_remainder,
+    pack_stage,
+    qfs_chats,
+    read_sequences,
+)
 from longctx.pack_show import pack_show
 from longctx.retrieval.embed import embed_corpus
 from longctx.retrieval.index import build_index
@@ -98,7 +105,8 @@ def write_synth(root, instructions, retrieved=None, responses=None, long_output=
 def params(length, sequences=None, mixture=None, seed=SEED, **pack):
     return Params.model_validate({
         "seed": seed, "pack": pack,
-        "stages": {"schedule": [{"length": length, "sequences": sequences, "mixture": mixture}]},
+        "stages": {"schedule": [{"length": length, "steps": 1, "sequences": sequences,
+                                 "mixture": mixture}]},
     })
 
 
@@ -357,6 +365,31 @@ def test_a_bad_parquet_chat_record_names_the_file_and_the_record(world, tmp_path
                                  short_path=str(path)))
 
 
+def _empty_chat_file(path, kind):
+    if kind == "zero bytes":
+        path.write_bytes(b"")
+    elif kind == "blank lines":
+        path.write_text("\n\n", encoding="utf-8")
+    else:  # a parquet file of 0 rows
+        chat = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+        pq.write_table(pa.table({"messages": pa.array([], chat)}), path)
+
+
+@pytest.mark.parametrize("name, kind, detail", [
+    ("chats.jsonl", "zero bytes", " (0 bytes)"), ("chats.parquet", "zero bytes", " (0 bytes)"),
+    ("chats.jsonl", "blank lines", ""), ("chats.parquet", "no rows", ""),
+])
+def test_an_empty_chat_file_is_named(world, tmp_path, name, kind, detail):
+    """Not a stage whose short share silently goes to the other kinds."""
+    path = tmp_path / name
+    _empty_chat_file(path, kind)
+    synth = write_synth(tmp_path / "synth", {})
+    with pytest.raises(LongctxError) as info:
+        run(world, synth, params(512, short_source="file", short_path=str(path)))
+    assert str(info.value) == f"pack.short_path: {path} holds no records{detail}"
+    assert not (synth / "out").exists()
+
+
 # --------------------------------------------------------------------------- mixture
 
 
@@ -443,7 +476,7 @@ def test_nothing_fits_is_an_error_naming_the_stage_and_length(world, tmp_path):
                         [("lo", "Write.", "y" * 300, True)])
     with pytest.raises(LongctxError, match=r"stages\.schedule\[0\] \(length 200\): no sequence"
                                            r".*long: all 1 samples dropped \(1 too_long"):
-        run(world, synth, params(200, mixture={"long": 1, "long_output": 1, "short": 0}))
+        run(world, synth, params(200, mixture={"long": 0.5, "long_output": 0.5, "short": 0}))
     with pytest.raises(LongctxError, match=r"stages\.schedule: no stage 3"):
         run(world, synth, params(200), stage=3)
     assert not (tmp_path / "out").exists()
@@ -481,8 +514,8 @@ def test_reader_names_the_file_on_bad_tables(tmp_path):
 
 def test_reader_reads_row_groups_of_a_large_file(world, tmp_path):
     synth, pack = mixed(tmp_path)
-    run(world, synth, params(400, sequences=150, mixture={"long": 0, "long_output": 1,
-                                                          "short": 1}, **pack))
+    run(world, synth, params(400, sequences=150, mixture={"long": 0, "long_output": 0.5,
+                                                          "short": 0.5}, **pack))
     path = synth / "out" / "sequences.parquet"
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
     rows = pq.read_table(path).to_pylist()
@@ -526,7 +559,7 @@ def test_cli_pack_runs_the_stage_from_params(world, tmp_path):
     synth, pack = mixed(tmp_path)
     p = tmp_path / "params.yaml"
     p.write_text(json.dumps({"seed": SEED, "pack": pack, "stages": {"schedule": [
-        {"length": 256}, {"length": 400, "sequences": 5}]}}), encoding="utf-8")
+        {"length": 256}, {"length": 400, "steps": 5, "sequences": 5}]}}), encoding="utf-8")
     out = tmp_path / "stage-1"
     args = ["--params", str(p), "pack", "--stage", "1", "--model", str(world / "model"),
             "--docs", str(world / "docs.parquet")]

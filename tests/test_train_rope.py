@@ -3,8 +3,15 @@
 import pytest
 from transformers import AutoConfig, LlamaConfig
 
-from longctx.errors import ConfigError
-from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule, stage_config
+from longctx.errors import ConfigError, RuleError
+from longctx.train.rope import (
+    ScheduledStage,
+    Stage,
+    base_rope,
+    check_stages,
+    schedule,
+    stage_config,
+)
 
 LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -36,6 +43,21 @@ def test_a_non_doubling_step_uses_the_rule_continuously_and_explicit_bases_win()
 def test_bad_schedules_are_refused_naming_the_stage(stages, message):
     with pytest.raises(ConfigError, match=message):
         schedule(stages, 8192, 1e5)
+
+
+def test_params_alone_check_what_they_can_decide():
+    """Without the base model (`longctx validate`): bases before the first explicit one are
+    unknown and not compared; from it on, derived bases are known and checked."""
+    assert check_stages([Stage(8192), Stage(16384, 1.0), Stage(32768)], None, None) == [
+        None, 1.0, 4.0]
+    with pytest.raises(RuleError) as info:
+        check_stages([Stage(8192, 1e6), Stage(16384), Stage(32768, 2e6)], None, None)
+    assert info.value.problems == [("[2].rope_theta", ("2e+06 is below stage 1's 4e+06 (a "
+                                    "longer context needs a RoPE base at least as large)"))]
+    with pytest.raises(RuleError) as info:
+        check_stages([Stage(8192)], 8192, None, base="stages.base_length")
+    assert info.value.problems == [("[0].length", ("8192 must exceed stages.base_length 8192 "
+                                    "(stages extend the context, each longer than the last)"))]
 
 
 def test_growth_below_one_is_refused():

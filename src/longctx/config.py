@@ -19,18 +19,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
-from longctx.errors import ConfigError
+from longctx.errors import ConfigError, RuleError, join_key
+from longctx.train.rope import Stage, check_stages
 
 BUNDLED = "bundled"
 PARAMS_FILE = Path("params.yaml")
 
 
 class Section(BaseModel):
-    """A params section: unknown keys are errors, values are immutable once loaded."""
+    """A params section: unknown keys are errors, values are immutable once loaded, and types
+    are strict (no '8' for 8, no 1 or "true" for true), so pydantic refuses what the JSON
+    schema Snakemake validates with refuses; an int is still a float."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -61,7 +71,7 @@ class CorpusSource(Section):
     @model_validator(mode="after")
     def _paths_given(self) -> CorpusSource:
         if self.format != "demo" and not self.paths:
-            raise ValueError(f"format {self.format!r} needs at least one entry in `paths`")
+            raise RuleError("paths", f"format {self.format!r} needs at least one file or glob")
         return self
 
     @property
@@ -162,6 +172,18 @@ class IndexConfig(Section):
         default=500, description="queries (sampled stored vectors) in the recall self-check"
     )
 
+    @model_validator(mode="after")
+    def _trainable(self) -> IndexConfig:
+        """IVF and PQ train on at most `train_size` vectors: too few fail the index step
+        whatever the collection holds."""
+        if self.type in ("ivf_flat", "ivf_pq") and self.train_size < self.nlist:
+            raise RuleError("train_size", f"{self.train_size} is below index.nlist {self.nlist} "
+                            "(IVF needs at least nlist training vectors)")
+        if self.type == "ivf_pq" and self.train_size < 2**self.pq_bits:
+            raise RuleError("train_size", f"{self.train_size} is below 2**index.pq_bits = "
+                            f"{2**self.pq_bits} (PQ needs at least that many training vectors)")
+        return self
+
 
 class LLMConfig(Section):
     backend: Literal["hf", "openai", "vllm"] = Field(
@@ -200,12 +222,18 @@ class LLMConfig(Section):
     )
     trust_remote_code: bool = Field(default=False, description="allow model code from the hub")
 
+    @model_validator(mode="after")
+    def _server_given(self) -> LLMConfig:
+        """Said with the params, not when a synthesis step first opens the backend."""
+        if self.backend == "openai" and self.base_url is None:
+            raise RuleError("base_url", "required when llm.backend is 'openai'")
+        return self
+
 
 def _ordered(section: Section, low: str, high: str) -> Section:
     """A range given as two keys must not be empty."""
     if getattr(section, low) > getattr(section, high):
-        raise ValueError(f"{low} ({getattr(section, low)}) exceeds {high} "
-                         f"({getattr(section, high)})")
+        raise RuleError(low, f"{getattr(section, low)} exceeds {high} ({getattr(section, high)})")
     return section
 
 
@@ -336,8 +364,9 @@ Share = Annotated[float, Field(ge=0)]
 
 
 class Mixture(Section):
-    """Shares of a stage's sequences by sample kind (normalised; each sequence is about the
-    stage's length, so these are also shares of tokens)."""
+    """Shares of a stage's sequences by sample kind, summing to 1 (each sequence is about the
+    stage's length, so these are also shares of tokens). A kind left out keeps its default
+    share, so a mixture that does not sum to 1 is refused rather than silently rescaled."""
 
     long: Share = Field(default=0.6, description="instruction + retrieved documents -> "
                            "response (loss on all tokens)")
@@ -347,9 +376,12 @@ class Mixture(Section):
                             "sequence (loss on the answer only)")
 
     @model_validator(mode="after")
-    def _not_empty(self) -> Mixture:
-        if self.long + self.long_output + self.short <= 0:
-            raise ValueError("at least one kind needs a positive share")
+    def _sums_to_one(self) -> Mixture:
+        total = self.long + self.long_output + self.short
+        if abs(total - 1) > 1e-6:
+            raise RuleError("", f"shares must sum to 1, got {round(total, 9)!r} (long "
+                            f"{self.long!r}, long_output {self.long_output!r}, short "
+                            f"{self.short!r}); set all three")
         return self
 
 
@@ -365,7 +397,8 @@ class StageConfig(Section):
         "gives at the mixture's shares without repeating a sample)"
     )
     mixture: Mixture | None = Field(
-        default=None, description="this stage's shares (None: pack.mixture)"
+        default=None, description="this stage's shares, all three, summing to 1 (None: "
+        "pack.mixture)"
     )
 
 
@@ -383,8 +416,20 @@ class StagesConfig(Section):
     )
     schedule: list[StageConfig] = Field(
         default_factory=lambda: [StageConfig(length=16384)], min_length=1,
-        description="the stages in order, each longer than the last"
+        description="the stages in order, each longer than the last, explicit RoPE bases "
+        "never falling"
     )
+
+    @model_validator(mode="after")
+    def _extends(self) -> StagesConfig:
+        """The schedule checks of training (train/rope.py), as far as params decide them: the
+        base model's length and RoPE base are unknown here unless base_length is given."""
+        try:
+            check_stages([Stage(s.length, s.rope_theta) for s in self.schedule],
+                         self.base_length, None, self.rope_growth, base="stages.base_length")
+        except RuleError as exc:
+            raise exc.under("schedule") from None
+        return self
 
 
 class PackConfig(Section):
@@ -418,13 +463,22 @@ class PackConfig(Section):
         default=None, description="length of the sequences short samples are packed into "
         "(None: the stage's length); smaller keeps sdpa's dense packing mask small"
     )
-    mixture: Mixture = Field(default_factory=Mixture, description="default shares by kind")
+    mixture: Mixture = Field(default_factory=Mixture, description="default shares by kind, "
+                             "all three, summing to 1")
 
     @model_validator(mode="after")
     def _file_given(self) -> PackConfig:
         if self.short_source == "file" and not self.short_path:
-            raise ValueError("short_source 'file' needs short_path")
+            raise RuleError("short_path", "required when pack.short_source is 'file'")
         return self
+
+
+def _list_as_tuple(value: Any) -> Any:
+    """YAML has no tuples: a list stands for one (its items are still checked strictly)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+Betas = Annotated[tuple[float, float], BeforeValidator(_list_as_tuple)]
 
 
 class TrainConfig(Section):
@@ -439,7 +493,7 @@ class TrainConfig(Section):
         default=10, description="linear warmup steps at the start of each stage"
     )
     weight_decay: Annotated[float, Field(ge=0)] = Field(default=0.1, description="AdamW")
-    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW")
+    betas: Betas = Field(default=(0.9, 0.95), description="AdamW")
     grad_clip: Annotated[float, Field(gt=0)] | None = Field(
         default=1.0, description="clip the global gradient norm (None: no clipping)"
     )
@@ -500,11 +554,12 @@ class TrainConfig(Section):
         if self.context_parallel == 1:
             return self
         if self.processes % self.context_parallel:
-            raise ValueError(f"context_parallel {self.context_parallel} must divide processes "
-                             f"{self.processes}")
+            raise RuleError("context_parallel", f"{self.context_parallel} must divide "
+                            f"train.processes {self.processes}")
         if self.attention not in ("sdpa", "flash_attention_2"):
-            raise ValueError(f"context_parallel needs attention sdpa or flash_attention_2, not "
-                             f"{self.attention} (Ulysses drops dense and block masks)")
+            raise RuleError("context_parallel", f"{self.context_parallel} needs attention sdpa "
+                            f"or flash_attention_2, not {self.attention} (Ulysses drops dense "
+                            "and block masks)")
         return self
 
 
@@ -557,6 +612,9 @@ class RulerConfig(Section):
     )
 
 
+LMEVAL_SHIPPED = ("longctx_cloze", "longctx_ruler")  # tasks whose YAMLs ship in eval/tasks/
+
+
 class LmevalConfig(Section):
     tasks: list[str] = Field(
         default=["longctx_cloze"], description="lm-eval tasks ([]: no lm-eval): the shipped "
@@ -570,6 +628,68 @@ class LmevalConfig(Section):
         default=None, description="few-shot examples (None: each task's default)"
     )
     batch_size: PositiveInt = Field(default=8, description="lm-eval batch size")
+
+    @model_validator(mode="after")
+    def _known_once(self) -> LmevalConfig:
+        """The `longctx_` names are ours: one we do not ship is a typo, not a hub task."""
+        for i, task in enumerate(self.tasks):
+            if task in self.tasks[:i]:
+                raise RuleError(f"tasks[{i}]", f"{task!r} is listed twice")
+            if task.startswith("longctx_") and task not in LMEVAL_SHIPPED:
+                raise RuleError(f"tasks[{i}]", f"unknown task {task!r} (shipped: "
+                                f"{', '.join(LMEVAL_SHIPPED)})")
+        return self
+
+
+# Prompts that must fit the generator's window: (input key, generated key); the prompt's own
+# tokens come on top, which the steps count exactly when they run (e.g. summarize).
+WINDOW_RULES = [
+    ("summarize.chunk_tokens", "summarize.max_new_tokens"),
+    ("summarize.budget_tokens", "respond.max_new_tokens"),
+    ("long_output.excerpt_tokens", "long_output.max_new_tokens"),
+    ("instructions.seed_chunk_tokens", "instructions.max_new_tokens"),
+]
+
+
+def _value(params: Params, key: str) -> Any:
+    """The value at a `section.name` key (the rules name keys as messages do)."""
+    section, name = key.split(".")
+    return getattr(getattr(params, section), name)
+
+
+def _window_faults(params: Params) -> list[RuleError]:
+    """With `llm.context_tokens` known, what a synthesis prompt holds plus what it generates
+    must stay below it: otherwise the step fails only once it runs, after paid-for work."""
+    window = params.llm.context_tokens
+    if window is None:
+        return []
+    faults = []
+    for held, generated in WINDOW_RULES:
+        need = _value(params, held) + _value(params, generated)
+        if need >= window:
+            faults.append(RuleError(held, f"{_value(params, held)} + {generated} "
+                                    f"{_value(params, generated)} = {need} tokens leave no room "
+                                    f"for the prompt in llm.context_tokens {window}: lower "
+                                    f"{held}"))
+    return faults
+
+
+def _sequence_faults(params: Params) -> list[RuleError]:
+    """A stage's explicit `sequences` must cover its steps: pack writes exactly that many,
+    and training needs steps x (sequences per step) of them."""
+    train = params.train
+    per_step = train.batch_size * train.grad_accum * train.processes // train.context_parallel
+    faults = []
+    for i, stage in enumerate(params.stages.schedule):
+        need = stage.steps * per_step
+        if stage.sequences is not None and stage.sequences < need:
+            key = f"stages.schedule[{i}]"
+            faults.append(RuleError(f"{key}.sequences", f"{stage.sequences} are too few: "
+                                    f"{stage.steps} steps x {per_step} sequences per step "
+                                    "(train.batch_size x grad_accum x processes / "
+                                    f"context_parallel) need {need}: raise it (samples repeat) "
+                                    f"or lower {key}.steps"))
+    return faults
 
 
 class Params(Section):
@@ -592,16 +712,45 @@ class Params(Section):
     ruler: RulerConfig = Field(default_factory=RulerConfig)
     lmeval: LmevalConfig = Field(default_factory=LmevalConfig)
 
+    @model_validator(mode="after")
+    def _across_sections(self) -> Params:
+        """Rules between sections, all reported at once."""
+        faults = _window_faults(self) + _sequence_faults(self)
+        if faults:
+            raise RuleError.merge(faults)
+        return self
+
 
 def _key_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
+    return path
+
+
+def _problems(err: dict[str, Any]) -> list[str]:
+    """One pydantic error as `key path: reason` lines: a RuleError names its own key, a
+    validator's message loses pydantic's "Value error, " prefix, a type error on a scalar says
+    what it got (a quoted number looks like a number in an editor)."""
+    path = _key_path(err["loc"])
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, RuleError):
+        return [f"{join_key(path, key) or '(top level)'}: {reason}"
+                for key, reason in cause.problems]
+    if err["type"] == "extra_forbidden":
+        reason = "unknown key"
+    elif isinstance(cause, Exception):
+        reason = str(cause)
+    else:
+        reason = err["msg"]
+        if err["type"].endswith("_type") and not isinstance(err["input"], dict | list):
+            reason += f", got {repr(err['input'])[:60]}"
+    return [f"{path or '(top level)'}: {reason}"]
 
 
 def validate_params(data: Any, origin: str = "params") -> Params:
-    """Validate a params mapping; errors name `origin`, the key path and the reason."""
+    """Validate a params mapping; errors name `origin`, the key path and the reason, all on
+    one line (several problems joined by "; ")."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -609,10 +758,7 @@ def validate_params(data: Any, origin: str = "params") -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{_key_path(err['loc'])}: {reason}")
+        problems = [line for err in exc.errors() for line in _problems(err)]
         raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
 
 

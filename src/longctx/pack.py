@@ -362,10 +362,13 @@ def _check_chat(chat: Any, where: str) -> Chat:
 
 def file_chats(path: str | Path) -> list[tuple[str, Chat]]:
     """The chats of a parquet or jsonl file with a `messages` column/key, as ("file:<record>",
-    chat); errors name the file and the record (0-based; jsonl also the line)."""
+    chat); errors name the file and the record (0-based; jsonl also the line). A file without
+    records is an error: else the stage's short share would silently go to the other kinds."""
     path = Path(path)
     if not path.is_file():
         raise LongctxError(f"{path}: chat file not found (pack.short_path)")
+    if path.stat().st_size == 0:
+        raise LongctxError(f"pack.short_path: {path} holds no records (0 bytes)")
     records: list[tuple[str, Any]] = []
     if path.suffix == ".parquet":
         for i, chat in enumerate(read_table(path, ["messages"])):
@@ -385,6 +388,8 @@ def file_chats(path: str | Path) -> list[tuple[str, Chat]]:
             records.append((where, record["messages"]))
     else:
         raise LongctxError(f"{path}: chat files are .parquet or .jsonl")
+    if not records:
+        raise LongctxError(f"pack.short_path: {path} holds no records")
     return [(f"file:{i}", _check_chat(chat, where)) for i, (where, chat) in enumerate(records)]
 
 

@@ -31,14 +31,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from longctx.config import EvalConfig, LmevalConfig
+from longctx.config import LMEVAL_SHIPPED, EvalConfig, LmevalConfig
 from longctx.errors import LongctxError, one_line
 from longctx.eval.ruler.sources import SENTENCE_WORDS, ends_sentence, split_sentences
 from longctx.eval.samples import EvalSample
 from longctx.repro import atomic_path, write_json
 
 TASKS_DIR = Path(__file__).parent / "tasks"
-SHIPPED = ("longctx_cloze", "longctx_ruler")
+SHIPPED = LMEVAL_SHIPPED
 CLOZE_KEYS = ("id", "context", "choices", "label")
 RULER_KEYS = ("id", "task", "length", "input", "gen_prefix", "outputs", "metric",
               "max_new_tokens")
@@ -305,13 +305,9 @@ def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, batch_size:
     with a fixed batch size, so the same inputs give the same scores."""
     if not tasks:
         raise LongctxError("lm-eval: no tasks listed (lmeval.tasks)")
-    if len(set(tasks)) != len(tasks):
-        raise LongctxError(f"lm-eval: tasks listed twice in {tasks}")
+    # each task once and no unknown longctx_ name: the params refuse those (LmevalConfig)
     ours = [t for t in tasks if t in SHIPPED]
     standard = [t for t in tasks if t not in SHIPPED]
-    bad = [t for t in standard if t.startswith("longctx_")]
-    if bad:
-        raise LongctxError(f"lm-eval: unknown task(s) {bad}; shipped: {list(SHIPPED)}")
     if not (Path(model_dir) / "config.json").is_file():
         raise LongctxError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
 

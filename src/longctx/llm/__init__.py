@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from longctx.config import LLMConfig
-from longctx.errors import LongctxError
 from longctx.llm.base import Backend, Chat, Completion, Sampling
 from longctx.llm.cache import CallCache
 from longctx.llm.client import LLM, CallStats
@@ -41,8 +40,6 @@ def make_backend(cfg: LLMConfig, base_model_dir: Path) -> Backend:
         return VLLMBackend(_model_path(cfg, base_model_dir), dtype=cfg.dtype,
                            context_tokens=cfg.context_tokens,
                            trust_remote_code=cfg.trust_remote_code)
-    if cfg.base_url is None:
-        raise LongctxError("llm.base_url: required when llm.backend is 'openai'")
     from longctx.llm.openai import OpenAIBackend
 
     return OpenAIBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,

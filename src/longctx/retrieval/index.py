@@ -112,19 +112,14 @@ def read_embeddings(embeddings_dir: str | Path, verify: bool = True) -> Embeddin
 
 
 def check_capacity(cfg: IndexConfig, n: int, n_train: int, dim: int) -> None:
-    """Refuse a type the collection cannot train, before any work is done."""
-    if cfg.type in ("ivf_flat", "ivf_pq"):
-        if n < cfg.nlist:
-            raise LongctxError(
-                f"index.nlist={cfg.nlist}: only {n} vectors; IVF needs at least nlist training "
-                f"vectors (ideally ~39*nlist = {39 * cfg.nlist}); use `index.type: flat` or a "
-                "smaller index.nlist"
-            )
-        if n_train < cfg.nlist:
-            raise LongctxError(
-                f"index.train_size={cfg.train_size}: fewer training vectors than "
-                f"index.nlist={cfg.nlist}"
-            )
+    """Refuse a type the collection cannot train, before any work is done (train_size's own
+    limits are params rules: config.IndexConfig)."""
+    if cfg.type in ("ivf_flat", "ivf_pq") and n < cfg.nlist:
+        raise LongctxError(
+            f"index.nlist={cfg.nlist}: only {n} vectors; IVF needs at least nlist training "
+            f"vectors (ideally ~39*nlist = {39 * cfg.nlist}); use `index.type: flat` or a "
+            "smaller index.nlist"
+        )
     if cfg.type == "ivf_pq":
         if dim % cfg.pq_m:
             raise LongctxError(f"index.pq_m={cfg.pq_m} must divide the embedding dim {dim}")

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from longctx.errors import ConfigError
+from longctx.errors import ConfigError, RuleError
 
 PAPER_GROWTH = 4.0  # RoPE base multiplier per doubling of the length (the paper's rule)
 ScalingPolicy = Literal["keep", "drop"]
@@ -56,32 +56,49 @@ def base_rope(config: Any) -> tuple[int, float]:
     return int(length), float(theta)
 
 
+def check_stages(stages: list[Stage], base_length: int | None, base_theta: float | None,
+                 growth: float = PAPER_GROWTH, base: str = "the base model's"
+                 ) -> list[float | None]:
+    """Each stage's RoPE base, checking that lengths grow from `base_length` and bases never
+    shrink: both would undo what the previous stage learned. Written once for both callers:
+    training knows the base model's length and base; params alone (`longctx validate`) may
+    know neither, so a check that needs an unknown (None) is skipped and a base derived from
+    one stays None, as do the stages before the first explicit base. A broken rule raises
+    RuleError keyed `[i].length` or `[i].rope_theta`; `base` names what stage 0 follows."""
+    out: list[float | None] = []
+    length, theta = base_length, base_theta
+    for i, stage in enumerate(stages):
+        before = f"stage {i - 1}'s" if i else base
+        if length is not None and stage.length <= length:
+            raise RuleError(f"[{i}].length", f"{stage.length} must exceed {before} {length} "
+                            "(stages extend the context, each longer than the last)")
+        if stage.rope_theta is not None:
+            new_theta = float(stage.rope_theta)
+        elif theta is not None and length is not None:
+            new_theta = theta * growth ** math.log2(stage.length / length)
+        else:
+            new_theta = None
+        if new_theta is not None and theta is not None and new_theta < theta:
+            raise RuleError(f"[{i}].rope_theta", f"{new_theta:g} is below {before} {theta:g} "
+                            "(a longer context needs a RoPE base at least as large)")
+        out.append(new_theta)
+        length, theta = stage.length, new_theta
+    return out
+
+
 def schedule(stages: list[Stage], base_length: int, base_theta: float,
              growth: float = PAPER_GROWTH, key: str = "train.stages") -> list[ScheduledStage]:
-    """Every stage's (length, base). Lengths must grow from the base model's and bases must
-    not shrink: both would undo what the previous stage learned."""
+    """Every stage's (length, base), from the base model's own length and base."""
     if not stages:
         raise ConfigError(f"{key}: at least one stage is needed")
     if growth < 1:
         raise ConfigError(f"{key}: the RoPE growth per doubling must be >= 1, got {growth}")
-    out: list[ScheduledStage] = []
-    length, theta = base_length, base_theta
-    for i, stage in enumerate(stages):
-        where = f"{key}[{i}]"
-        if stage.length <= length:
-            before = f"stage {i - 1}'s" if i else "the base model's"
-            raise ConfigError(f"{where}.length: {stage.length} must exceed {before} {length} "
-                              "(stages extend the context, each longer than the last)")
-        derived = stage.rope_theta is None
-        new_theta = (theta * growth ** math.log2(stage.length / length) if derived
-                     else float(stage.rope_theta))
-        if new_theta < theta:
-            before = f"stage {i - 1}'s" if i else "the base model's"
-            raise ConfigError(f"{where}.rope_theta: {new_theta:g} is below {before} {theta:g} "
-                              "(a longer context needs a RoPE base at least as large)")
-        out.append(ScheduledStage(i, stage.length, new_theta, derived))
-        length, theta = stage.length, new_theta
-    return out
+    try:
+        thetas = check_stages(stages, base_length, base_theta, growth)
+    except RuleError as exc:
+        raise ConfigError(str(exc.under(key))) from None
+    return [ScheduledStage(i, stage.length, float(theta), stage.rope_theta is None)
+            for i, (stage, theta) in enumerate(zip(stages, thetas))]
 
 
 def stage_config(config: Any, stage: ScheduledStage, scaling: ScalingPolicy = "drop") -> Any:

@@ -79,8 +79,12 @@ class QAData:
 # --------------------------------------------------------------------------- files
 
 
-def _load_json(path: str | Path, what: str) -> Any:
+def _load_json(path: str | Path, what: str, key: str) -> Any:
+    """The parsed file; an empty one is named as such (json's own error says "line 1 column
+    1 (char 0)")."""
     try:
+        if Path(path).stat().st_size == 0:
+            raise LongctxError(f"{key}: {path} holds no records (0 bytes)")
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -98,11 +102,13 @@ def _field(record: Any, key: str, kind: type | tuple[type, ...], path: str | Pat
     return value
 
 
-def read_squad(path: str | Path) -> QAData:
+def read_squad(path: str | Path, key: str = "ruler.squad_path") -> QAData:
     """A SQuAD v2 json file as RULER reads it: the docs are the unique paragraphs (sorted),
     each answerable question's gold doc its paragraph and its preferred distractors the other
     paragraphs of its article; unanswerable (is_impossible) questions are skipped."""
-    data = _field(_load_json(path, "SQuAD"), "data", list, path, "top level")
+    data = _field(_load_json(path, "SQuAD", key), "data", list, path, "top level")
+    if not data:
+        raise LongctxError(f"{key}: {path} holds no records ('data' is an empty list)")
     articles = []
     for i, article in enumerate(data):
         paragraphs = _field(article, "paragraphs", list, path, f"data[{i}]")
@@ -138,12 +144,14 @@ def read_squad(path: str | Path) -> QAData:
     return QAData(tuple(docs), tuple(pairs), str(path))
 
 
-def read_hotpotqa(path: str | Path) -> QAData:
+def read_hotpotqa(path: str | Path, key: str = "ruler.hotpotqa_path") -> QAData:
     """A HotpotQA dev-distractor json file as RULER reads it: docs are "title\\nparagraph"
     (unique, sorted) and each question's gold docs are all its context paragraphs."""
-    data = _load_json(path, "HotpotQA")
+    data = _load_json(path, "HotpotQA", key)
     if not isinstance(data, list):
         raise LongctxError(f"{path}: expected a list of HotpotQA records at the top level")
+    if not data:
+        raise LongctxError(f"{key}: {path} holds no records (an empty list)")
 
     def doc(entry: Any, where: str) -> str:
         if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
