@@ -18,7 +18,8 @@ from longctx.config import CorpusConfig
 from longctx.corpus import build_corpus, normalize
 from longctx.errors import LongctxError
 
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+         "juliet", "kilo", "lima", "mike"]
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +299,50 @@ def test_bad_input_raises_and_leaves_nothing(tmp_path, tok_dir, case):
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+def _empty_sources(tmp: Path) -> dict:
+    """name -> (sources, the exact message): files named by params that hold no records."""
+    write_jsonl(tmp / "good.jsonl", [{"text": doc(1)}])
+    (tmp / "empty.jsonl").write_bytes(b"")
+    (tmp / "blank.jsonl").write_text("\n  \n")
+    (tmp / "none.jsonl.gz").write_bytes(gzip.compress(b""))
+    (tmp / "pq").mkdir()
+    write_parquet(tmp / "pq" / "b.parquet", fineweb_rows(0, 5))
+    (tmp / "pq" / "a.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp / "pq" / "c.parquet")
+
+    def jsonl(*names: str) -> dict:
+        return {"format": "jsonl", "paths": [str(tmp / n) for n in names]}
+
+    return {
+        "zero_bytes_beside_a_good_file": (
+            [jsonl("good.jsonl", "empty.jsonl")],
+            f"corpus.sources[0]: {tmp / 'empty.jsonl'} holds no records"),
+        "blank_lines_in_a_later_source": (
+            [jsonl("good.jsonl"), jsonl("blank.jsonl")],
+            f"corpus.sources[1]: {tmp / 'blank.jsonl'} holds no records"),
+        "an_empty_archive": (
+            [jsonl("none.jsonl.gz")],
+            f"corpus.sources[0]: {tmp / 'none.jsonl.gz'} holds no records"),
+        "every_empty_parquet_of_a_glob": (  # 0 bytes, 0 rows: both named
+            [{"format": "parquet", "paths": [str(tmp / "pq" / "*.parquet")]}],
+            f"corpus.sources[0]: {tmp / 'pq/a.parquet'}, {tmp / 'pq/c.parquet'} hold no records"),
+    }
+
+
+@pytest.mark.parametrize("case", ["zero_bytes_beside_a_good_file",
+                                  "blank_lines_in_a_later_source", "an_empty_archive",
+                                  "every_empty_parquet_of_a_glob"])
+def test_a_file_without_records_is_named(tmp_path, tok_dir, case):
+    """An empty input is a mistake (a failed download, a wrong glob), not a source that
+    silently adds nothing; a source whose documents were all dropped keeps its message."""
+    sources, message = _empty_sources(tmp_path)[case]
+    out_dir = tmp_path / "out"
+    with pytest.raises(LongctxError) as info:
+        build_corpus(config(*sources), tok_dir, out_dir / "docs.parquet", out_dir / "stats.json")
+    assert str(info.value) == message
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 

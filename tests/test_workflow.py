@@ -10,7 +10,8 @@ import yaml
 
 from longctx.cli import AboveProgressBars, main
 from longctx.dvc_export import export_dvc_yaml
-from longctx.workflow import check_config
+from longctx.errors import LongctxError
+from longctx.workflow import check_params
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def test_dvc_plots_draw_ruler_against_length_one_line_per_model(exported):
 
 
 def test_snakemake_refuses_config_overrides():
-    with pytest.raises(ValueError, match="differs from .*params.yaml"):
-        check_config({"seed": 1}, "params.yaml")
+    with pytest.raises(LongctxError, match="differs from .*params.yaml"):
+        check_params({"seed": 1}, "params.yaml")
 
 
 def test_profile_switch_rewrites_params_and_dvc_yaml(root, tmp_path, monkeypatch):

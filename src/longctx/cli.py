@@ -229,8 +229,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
+    from longctx.inputs import NAMED_BY, named_files
+
     for path in args.files or [args.params]:
-        load_params(path)
+        params = load_params(path)
+        if not args.no_files:
+            named_files(params, *NAMED_BY)
         print(f"{path}: ok")
 
 
@@ -257,9 +261,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
     load_params(source)
     write_text(args.params, source.read_text(encoding="utf-8"))
     print(f"{args.params} is now profile {args.name!r} ({source}); snakemake and dvc both read it")
-    if args.snakefile.is_file():  # the DAG can depend on params (e.g. the number of stages)
+    if not args.snakefile.is_file():
+        return
+    try:  # the DAG depends on params (the number of stages, the files they name)
         cmd_dvc_export(argparse.Namespace(out=Path("dvc.yaml"), snakefile=args.snakefile,
                                           params=args.params, check=False))
+    except LongctxError as exc:
+        raise LongctxError(f"dvc.yaml not regenerated: {exc}; run `longctx dvc-export` once "
+                           "it is fixed") from None
 
 
 def _write_or_check(path: Path, text: str, check: bool, command: str) -> None:
@@ -416,8 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default=None,
                    help="NAME of an environment variable whose value clients must send")
 
-    p = add("validate", cmd_validate, "validate params files (default: --params)")
+    p = add("validate", cmd_validate, "validate params files (default: --params): what "
+            "every step and Snakemake refuse, files the params name included")
     p.add_argument("files", nargs="*", type=Path)
+    p.add_argument("--no-files", action="store_true", help="check keys and values only, not "
+                   "that the files the params name are there (a profile for another machine)")
 
     p = add("schema", cmd_schema, "write the JSON schema Snakemake validates params against")
     p.add_argument("--out", type=Path, default=Path("workflow/schemas/params.schema.json"))

@@ -9,7 +9,6 @@ the parquet file's bytes depend only on the input, so DVC sees no change when no
 from __future__ import annotations
 
 import bz2
-import glob
 import gzip
 import hashlib
 import itertools
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from longctx import assets, repro
 from longctx.config import CorpusConfig, CorpusSource
 from longctx.errors import LongctxError, one_line
+from longctx.inputs import expand
 from longctx.tokens import token_counter
 
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.large_string()), ("title", pa.string()),
@@ -81,20 +81,20 @@ _WIKI_FIXES = [  # what gensim's filter_wiki leaves behind
     (re.compile(r"'{2,}"), ""),  # bold / italic quotes
     (  # gallery line -> its caption
         re.compile(r"^[ \t]*(?:(?:File|Image):[^|\n]*|[^|\n]*\.(?:jpe?g|png|gif|svg|tiff?))\|",
-                   re.M | re.I),
+                   re.MULTILINE | re.IGNORECASE),
         "",
     ),
     (
         re.compile(
             r"\|(?:thumb(?:nail)?|frame(?:less)?|border|left|right|center|none|upright[^|\n]*"
             r"|\d*x?\d+px|alt=[^|\n]*)(?=[|\n]|$)",
-            re.I,
+            re.IGNORECASE,
         ),
         "",
     ),  # image options
     (re.compile(r"\([\s,;:]*\)"), ""),  # brackets emptied by removed templates
     (re.compile(r"[ \t]+([,;])"), r"\1"),  # space left before punctuation
-    (re.compile(r"^[*#:;]+[ \t]*$", re.M), ""),  # list items emptied
+    (re.compile(r"^[*#:;]+[ \t]*$", re.MULTILINE), ""),  # list items emptied
 ]
 
 
@@ -223,20 +223,50 @@ def _read_parquet(path: Path, columns: dict[str, str], batch_size: int) -> Itera
         raise LongctxError(f"{path}: unreadable parquet data ({one_line(exc)})") from None
 
 
-def _resolve(patterns: list[str], key: str) -> list[Path]:
-    """Files named by `paths` (globs sorted), in order, each once; missing ones are errors."""
-    files: dict[Path, None] = {}
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise LongctxError(f"{key}.paths: {pattern!r} matches no file")
-        elif Path(pattern).is_file():
-            matches = [pattern]
-        else:
-            raise LongctxError(f"{pattern}: file not found ({key}.paths)")
-        files.update(dict.fromkeys(map(Path, matches)))
-    return list(files)
+def _empty_files(paths: list[Path], fmt: str) -> list[Path]:
+    """Files that hold no records, seen without reading them: 0 bytes, or a parquet footer
+    counting 0 rows (an unreadable footer is left to the schema check, which names it)."""
+    empty = []
+    for path in paths:
+        if path.stat().st_size == 0:
+            empty.append(path)
+        elif fmt == "parquet":
+            try:
+                rows = pq.read_metadata(path).num_rows
+            except (pa.ArrowException, OSError):
+                continue
+            if rows == 0:
+                empty.append(path)
+    return empty
+
+
+def _records(read: Callable[[], Iterator[Record]], path: Path, key: str) -> Iterator[Record]:
+    """A file's records; a file that yields none (blank lines, an empty archive, a dump
+    without pages) is an error naming it, not a source that silently adds nothing."""
+    empty = True
+    for record in read():
+        empty = False
+        yield record
+    if empty:
+        raise LongctxError(f"{key}: {path} holds no records")
+
+
+def _file_readers(src: CorpusSource, key: str, batch_size: int
+                  ) -> list[Callable[[], Iterator[Record]]]:
+    """One reader per file of a parquet/jsonl/wikipedia source; the files are resolved and
+    the empty ones named (all of them) here, before any work."""
+    paths = expand(src.paths, f"{key}.paths")
+    if empty := _empty_files(paths, src.format):
+        names = ", ".join(map(str, empty))
+        raise LongctxError(f"{key}: {names} {'holds' if len(empty) == 1 else 'hold'} no records")
+    if src.format == "parquet":
+        reads = [partial(_read_parquet, p, _parquet_columns(p, src, key), batch_size)
+                 for p in paths]
+    elif src.format == "jsonl":
+        reads = [partial(_read_jsonl, p, src) for p in paths]
+    else:
+        reads = [partial(_read_wikipedia, p) for p in paths]
+    return [partial(_records, read, p, key) for read, p in zip(reads, paths)]
 
 
 def _streams(cfg: CorpusConfig) -> list[tuple[str, Callable[[], Iterator[Record]]]]:
@@ -251,15 +281,7 @@ def _streams(cfg: CorpusConfig) -> list[tuple[str, Callable[[], Iterator[Record]
                      ("lee", [partial(_read_lines, files["lee"])])]
             named = [(f"{src.label}/{part}", readers) for part, readers in parts]
         else:
-            paths = _resolve(src.paths, key)
-            if src.format == "parquet":
-                readers = [partial(_read_parquet, p, _parquet_columns(p, src, key), cfg.batch_size)
-                           for p in paths]
-            elif src.format == "jsonl":
-                readers = [partial(_read_jsonl, p, src) for p in paths]
-            else:
-                readers = [partial(_read_wikipedia, p) for p in paths]
-            named = [(src.label, readers)]
+            named = [(src.label, _file_readers(src, key, cfg.batch_size))]
         for label, readers in named:
             stream = partial(_limited, readers, src.max_documents)
             streams.append((label, stream))

@@ -1,13 +1,28 @@
-"""Helpers the Snakemake rules call, so the .smk files hold wiring only."""
+"""Helpers the Snakemake rules call, so the .smk files hold wiring only.
+
+A rule's inputs are everything its step reads: upstream artifacts (written in the rule), the
+files its params sections name (`params_files`), and its code, derived from the step's
+imports (`step_code`), so an edit anywhere in what a step runs reruns it, in Snakemake and in
+DVC alike (dvc.yaml is exported from these rules), and an edit elsewhere does not.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-SOURCE_ROOT = "src/longctx"
+from longctx.errors import ConfigError, LongctxError
+
+SOURCE_ROOT = Path("src/longctx")
+PACKAGE = "longctx"
+# Loaded by every step, yet no artifact depends on their text: params carry the configuration
+# (config reads them), errors only word messages, and cli only hands the step its arguments.
+NOT_CODE = {"longctx.config", "longctx.errors", "longctx.cli"}
 
 
 def sections(config: dict[str, Any], *names: str) -> dict[str, Any]:
@@ -15,15 +30,145 @@ def sections(config: dict[str, Any], *names: str) -> dict[str, Any]:
     return {name: config.get(name) for name in names}
 
 
-def code(*modules: str) -> list[str]:
-    """A rule's source modules as inputs: editing one reruns the rule (and its DVC stage).
-    A package name stands for its modules (a directory's mtime misses edits inside it)."""
-    paths = []
-    for module in modules:
-        path = Path(SOURCE_ROOT) / module
-        found = sorted(path.glob("*.py")) if path.is_dir() else [path]
-        paths += [p.as_posix() for p in found]
-    return paths
+def params_files(config: dict[str, Any], *names: str) -> list[str]:
+    """The local files the params sections `names` (a rule's `sections`) point its step at:
+    corpus globs expanded, model directories as their files (longctx.inputs says what is not
+    a file: bundled assets, hub ids, URLs)."""
+    from longctx.config import validate_params
+    from longctx.inputs import named_files
+
+    return [p.as_posix() for p in named_files(validate_params(config, "params.yaml"), *names)]
+
+
+# --------------------------------------------------------------------------- code inputs
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of module `name` under SOURCE_ROOT (a package: its __init__.py)."""
+    base = SOURCE_ROOT.joinpath(*name.split(".")[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SOURCE_ROOT).with_suffix("").parts)
+    return ".".join([PACKAGE, *(parts[:-1] if parts[-1] == "__init__" else parts)])
+
+
+def _imported(node: ast.AST, here: str) -> set[str]:
+    """The longctx modules one import statement uses (`from pkg import mod`: pkg.mod)."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name.split(".")[0] == PACKAGE}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    module = node.module or ""
+    if node.level:  # relative: from the importing module's package
+        package = here.split(".")[:len(here.split(".")) - node.level]
+        module = ".".join(package + ([module] if module else []))
+    if module.split(".")[0] != PACKAGE:
+        return set()
+    children = {f"{module}.{a.name}" for a in node.names}
+    submodules = {c for c in children if _module_file(c) is not None}
+    # the package itself counts only for a name it defines; as a parent, step_code adds it
+    return submodules | ({module} if submodules != children else set())
+
+
+def _beside(node: ast.AST, path: Path) -> list[Path]:
+    """Data files a module finds next to itself: `Path(__file__).parent / "name"`."""
+    if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+            and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str)):
+        return []
+    if not any(isinstance(n, ast.Name) and n.id == "__file__" for n in ast.walk(node.left)):
+        return []
+    target = path.parent / node.right.value
+    if target.is_dir():
+        return sorted(p for p in target.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return [target] if target.is_file() else []
+
+
+def _toplevel(tree: ast.AST) -> list[ast.AST]:
+    """The nodes that run when the module is imported: not those inside functions."""
+    nodes, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo += ast.iter_child_nodes(node)
+    return nodes
+
+
+class Parsed(NamedTuple):
+    imports: frozenset[str]  # every longctx module the file imports, lazily too
+    on_import: frozenset[str]  # those its import alone loads (module level)
+    data: tuple[Path, ...]  # data files it reads beside itself
+
+
+def _parsed(path: Path) -> Parsed:
+    stat = path.stat()
+    return _parsed_once(path, path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed_once(path: Path, *_identity: object) -> Parsed:
+    """_parsed, once per file version (every rule of the DAG shares modules)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    here = _module_name(path)
+    imports = frozenset(m for node in ast.walk(tree) for m in _imported(node, here))
+    on_import = frozenset(m for node in _toplevel(tree) for m in _imported(node, here))
+    data = tuple(p for node in ast.walk(tree) for p in _beside(node, path))
+    return Parsed(imports, on_import, data)
+
+
+def _entry_modules(step: str) -> set[str]:
+    """What `longctx <step>` imports: its cmd_ function in cli.py and the cli helpers it
+    calls (e.g. _with_llm opens the generator)."""
+    tree = ast.parse((SOURCE_ROOT / "cli.py").read_text(encoding="utf-8"))
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    entry = "cmd_" + step.replace("-", "_")
+    if entry not in functions:
+        raise LongctxError(f"longctx {step}: no such step ({SOURCE_ROOT / 'cli.py'} has no "
+                           f"{entry})")
+    todo, seen, modules = [entry], set(), set()
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        for node in ast.walk(functions[name]):
+            modules |= _imported(node, f"{PACKAGE}.cli")
+            if isinstance(node, ast.Name) and node.id in functions and node.id not in seen:
+                todo.append(node.id)
+    return modules
+
+
+def step_code(step: str) -> list[str]:
+    """A rule's code inputs: every source file `longctx <step>` can run, read with ast: the
+    closure of its imports (lazy ones too) and the data files those modules read beside
+    themselves, less NOT_CODE and what only they import. A package that is only the parent
+    of an imported module adds its __init__ and what that loads at import time, not what its
+    functions import."""
+    todo = [(name, True) for name in _entry_modules(step)]
+    seen: dict[str, bool] = {}
+    files: set[Path] = set()
+    while todo:
+        name, explicit = todo.pop()
+        if seen.get(name, False) or (name in seen and not explicit):
+            continue
+        seen[name] = explicit
+        parts = name.split(".")
+        todo += [(".".join(parts[:i]), False) for i in range(1, len(parts))]
+        path = _module_file(name)
+        if path is None:
+            raise LongctxError(f"{name}: imported by longctx {step}, but no {SOURCE_ROOT} file")
+        if name in NOT_CODE:  # nor what it imports to check params: no artifact depends on it
+            continue
+        parsed = _parsed(path)
+        todo += [(m, True) for m in (parsed.imports if explicit else parsed.on_import)]
+        files |= {path, *(parsed.data if explicit else ())}
+    return sorted(p.as_posix() for p in files)
+
+
+# --------------------------------------------------------------------------- the DAG's shape
 
 
 def stage_indices(config: dict[str, Any]) -> list[int]:
@@ -52,14 +197,32 @@ def lmeval_tasks(config: dict[str, Any]) -> list[str]:
     return validate_params(config, "params.yaml").lmeval.tasks
 
 
-def check_config(config: dict[str, Any], params_file: str | Path) -> None:
-    """Refuse `--config`/`--configfile` overrides: the steps read `params_file` themselves,
-    and DVC tracks that file, so a value that lives only in Snakemake's memory would make
-    the two disagree about what was run."""
+# --------------------------------------------------------------------------- params check
+
+
+def check_params(config: dict[str, Any], params_file: str | Path) -> None:
+    """What every step would refuse, refused before the DAG is built: a bad key or value,
+    a cross-field rule broken, a file the params name missing. And `--config`/`--configfile`
+    overrides: the steps read `params_file` themselves, and DVC tracks that file, so a value
+    that lives only in Snakemake's memory would make the two disagree about what was run."""
+    from longctx.config import load_params
+    from longctx.inputs import NAMED_BY, named_files
+
+    params = load_params(params_file)
     on_disk = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
     if config != on_disk:
-        raise ValueError(
+        raise ConfigError(
             f"snakemake's config differs from {params_file}: longctx steps read {params_file}, "
             "so edit it, switch profiles with `longctx profile NAME`, or use "
             "`dvc exp run -S key=value`, instead of --config/--configfile"
         )
+    named_files(params, *NAMED_BY)
+
+
+def stop_on_bad_params(config: dict[str, Any], params_file: str | Path) -> None:
+    """check_params for the Snakefile: a refusal is one line on stderr and exit status 1
+    (an exception would print Snakemake's traceback around it)."""
+    try:
+        check_params(config, params_file)
+    except LongctxError as exc:
+        sys.exit(f"longctx: error: {exc}")

@@ -1,8 +1,8 @@
-# Shared wiring: params validation and the helpers every rule uses.
-from snakemake.utils import validate
+# Shared wiring: the params check and the helpers every rule uses. longctx's own check runs
+# before anything else and refuses, in one line, what every step would refuse (bad keys and
+# values, cross-field rules, files the params name that are missing); the JSON schema in
+# workflow/schemas/ is generated from the same models, for editors.
+from longctx.workflow import (eval_models, lmeval_tasks, model_dir, params_files, sections,
+                               stage_indices, step_code, stop_on_bad_params)
 
-from longctx.workflow import (check_config, code, eval_models, lmeval_tasks, model_dir,
-                               sections, stage_indices)
-
-check_config(config, "params.yaml")
-validate(config, "../schemas/params.schema.json", set_default=False)
+stop_on_bad_params(config, "params.yaml")

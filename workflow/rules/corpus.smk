@@ -1,6 +1,7 @@
 rule base_model:
     input:
-        code=code("base_model.py", "assets.py"),
+        files=params_files(config, "base_model"),
+        code=step_code("base-model"),
     output:
         model=directory("models/base"),
     params:
@@ -12,7 +13,8 @@ rule base_model:
 rule corpus:
     input:
         tokenizer=rules.base_model.output.model,
-        code=code("corpus.py", "tokens.py", "assets.py"),
+        files=params_files(config, "corpus"),
+        code=step_code("corpus"),
     output:
         docs="data/corpus/docs.parquet",
         metrics="data/corpus/stats.json",

@@ -9,7 +9,8 @@ rule niah_samples:
     input:
         model=rules.base_model.output.model,
         docs=rules.corpus.output.docs,
-        code=code("eval/data.py", "eval/samples.py", "eval/niah.py", "eval/ruler"),
+        files=params_files(config, "niah", "seed"),
+        code=step_code("niah-samples"),
     output:
         samples="data/eval/niah.parquet",
     params:
@@ -22,7 +23,8 @@ rule ruler_samples:
     input:
         model=rules.base_model.output.model,
         docs=rules.corpus.output.docs,
-        code=code("eval/data.py", "eval/samples.py", "eval/ruler"),
+        files=params_files(config, "ruler", "seed"),
+        code=step_code("ruler-samples"),
     output:
         samples="data/eval/ruler.parquet",
     params:
@@ -39,7 +41,8 @@ rule eval_niah:
     input:
         model=evaluated_model,
         samples=rules.niah_samples.output.samples,
-        code=code("eval/run.py", "eval/score.py", "eval/samples.py", "llm"),
+        files=params_files(config, "eval"),
+        code=step_code("eval-niah"),
     output:
         results="results/eval/{model}/niah.json",
         table="results/eval/{model}/niah.csv",
@@ -59,7 +62,8 @@ rule eval_ruler:
     input:
         model=evaluated_model,
         samples=rules.ruler_samples.output.samples,
-        code=code("eval/run.py", "eval/score.py", "eval/samples.py", "llm"),
+        files=params_files(config, "eval"),
+        code=step_code("eval-ruler"),
     output:
         results="results/eval/{model}/ruler.json",
         table="results/eval/{model}/ruler.csv",
@@ -86,8 +90,8 @@ rule eval_lmeval:
         model=evaluated_model,
         docs=rules.corpus.output.docs,
         **LMEVAL_RULER,
-        code=code("eval/lmeval.py", "eval/score.py", "eval/samples.py", "eval/tasks",
-                  "eval/tasks/longctx_cloze.yaml", "eval/tasks/longctx_ruler.yaml"),
+        files=params_files(config, "lmeval", "eval", "seed"),
+        code=step_code("eval-lmeval"),
     output:
         results="results/eval/{model}/lmeval.json",
     params:
@@ -111,7 +115,7 @@ rule report:
         lmeval=expand(rules.eval_lmeval.output.results, model=LMEVAL_MODELS),
         train=expand(rules.train_stage.output.metrics, k=STAGES),
         train_plots=expand(rules.train_stage.output.plots, k=STAGES),
-        code=code("eval/report.py", "eval/plots.py"),
+        code=step_code("report"),
     output:
         metrics="results/eval/metrics.json",
         curves="results/eval/ruler_curve.tsv",

@@ -1,7 +1,8 @@
 rule embed:
     input:
         docs=rules.corpus.output.docs,
-        code=code("retrieval/embed.py", "assets.py"),
+        files=params_files(config, "embed"),
+        code=step_code("embed"),
     output:
         embeddings=directory("data/embeddings"),
     params:
@@ -13,7 +14,8 @@ rule embed:
 rule index:
     input:
         embeddings=rules.embed.output.embeddings,
-        code=code("retrieval/index.py"),
+        files=params_files(config, "index", "seed"),
+        code=step_code("index"),
     output:
         index=directory("data/index"),
     params:

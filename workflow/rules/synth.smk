@@ -4,7 +4,8 @@ rule instructions:
     input:
         docs=rules.corpus.output.docs,
         model=rules.base_model.output.model,
-        code=code("synth/instructions.py", "synth/prompts.py", "synth/tables.py", "llm"),
+        files=params_files(config, "instructions", "llm", "seed"),
+        code=step_code("instructions"),
     output:
         instructions="data/synth/instructions.parquet",
         metrics="data/synth/instructions.json",
@@ -21,7 +22,8 @@ rule retrieve:
         instructions=rules.instructions.output.instructions,
         index=rules.index.output.index,
         embeddings=rules.embed.output.embeddings,
-        code=code("synth/retrieve.py", "synth/tables.py", "retrieval/search.py"),
+        files=params_files(config, "retrieve"),
+        code=step_code("retrieve"),
     output:
         retrieved="data/synth/retrieved.parquet",
         metrics="data/synth/retrieved.json",
@@ -38,8 +40,8 @@ rule summarize:
         retrieved=rules.retrieve.output.retrieved,
         docs=rules.corpus.output.docs,
         model=rules.base_model.output.model,
-        code=code("synth/summarize.py", "synth/prompts.py", "synth/quality.py", "synth/tables.py",
-                  "tokens.py", "llm"),
+        files=params_files(config, "summarize", "llm", "seed"),
+        code=step_code("summarize"),
     output:
         summaries="data/synth/summaries.parquet",
         metrics="data/synth/summaries.json",
@@ -57,8 +59,8 @@ rule respond:
         instructions=rules.instructions.output.instructions,
         summaries=rules.summarize.output.summaries,
         model=rules.base_model.output.model,
-        code=code("synth/respond.py", "synth/prompts.py", "synth/quality.py", "synth/tables.py",
-                  "llm"),
+        files=params_files(config, "respond", "llm", "seed"),
+        code=step_code("respond"),
     output:
         responses="data/synth/responses.parquet",
         metrics="data/synth/responses.json",
@@ -74,8 +76,8 @@ rule long_output:
     input:
         docs=rules.corpus.output.docs,
         model=rules.base_model.output.model,
-        code=code("synth/long_output.py", "synth/prompts.py", "synth/quality.py",
-                  "synth/tables.py", "tokens.py", "llm"),
+        files=params_files(config, "long_output", "llm", "seed"),
+        code=step_code("long-output"),
     output:
         long_output="data/synth/long_output.parquet",
         metrics="data/synth/long_output.json",

@@ -20,8 +20,8 @@ rule pack:
         long_output=rules.long_output.output.long_output,
         index=rules.index.output.index,
         embeddings=rules.embed.output.embeddings,
-        code=code("pack.py", "tokens.py", "synth/prompts.py", "synth/tables.py",
-                  "retrieval/search.py"),
+        files=params_files(config, "pack", "stages", "seed"),
+        code=step_code("pack"),
     output:
         sequences="data/pack/stage-{k}/sequences.parquet",
         metrics="data/pack/stage-{k}/stats.json",
@@ -42,7 +42,8 @@ rule train_stage:
         base=rules.base_model.output.model,
         init=initial_weights,
         sequences=rules.pack.output.sequences,
-        code=code("train", "pack.py"),
+        files=params_files(config, "train", "stages", "seed"),
+        code=step_code("train"),
     output:
         model=directory("models/stage-{k}"),
         metrics="results/train/stage-{k}/metrics.json",

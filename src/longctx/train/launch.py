@@ -12,11 +12,10 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from longctx.config import TrainConfig
-from longctx.errors import ConfigError
+from longctx.inputs import file_named
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +27,7 @@ def launcher(cfg: TrainConfig, argv: list[str]) -> list[str] | None:
         return None
     module = ["-m", "longctx.cli", *argv]
     if cfg.accelerate_config is not None:
-        if not Path(cfg.accelerate_config).is_file():
-            raise ConfigError(f"train.accelerate_config: {cfg.accelerate_config} not found")
+        file_named(cfg.accelerate_config, "train.accelerate_config")
         # the params' count wins over the file's: one place says how many processes run
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 cfg.accelerate_config, "--num_processes", str(cfg.processes), *module]
