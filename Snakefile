@@ -1,5 +1,8 @@
 # longctx: the one hand-written DAG. dvc.yaml is generated from it (`longctx dvc-export`).
 # Every rule runs `longctx <step>`; each passes only its own params sections.
+from longctx.workflow import check_params, exit_on_refusal
+
+exit_on_refusal(check_params, "params.yaml")  # before Snakemake reads it: bad YAML in one line
 configfile: "params.yaml"
 
 

@@ -11,7 +11,7 @@ import yaml
 from longctx.cli import AboveProgressBars, main
 from longctx.dvc_export import export_dvc_yaml
 from longctx.errors import LongctxError
-from longctx.workflow import check_params
+from longctx.workflow import check_no_overrides
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_dvc_plots_draw_ruler_against_length_one_line_per_model(exported):
 
 def test_snakemake_refuses_config_overrides():
     with pytest.raises(LongctxError, match="differs from .*params.yaml"):
-        check_params({"seed": 1}, "params.yaml")
+        check_no_overrides({"seed": 1}, "params.yaml")
 
 
 def test_profile_switch_rewrites_params_and_dvc_yaml(root, tmp_path, monkeypatch):

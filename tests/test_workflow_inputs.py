@@ -275,7 +275,9 @@ def test_an_edited_input_makes_exactly_its_readers_stale_in_both_tools(project, 
 # --------------------------------------------------------------------------- bad params
 
 
-BAD_PARAMS = {  # a fault as users make them -> what `longctx validate` says
+BAD_PARAMS = {  # a fault as users make them (a change, or the whole text) -> what validate says
+    "bad YAML": ("seed: 1\n  corpus: [\n", "params.yaml: not valid YAML (mapping values"),
+    "not a mapping": ("- seed: 1\n", "params.yaml: expected a mapping of sections, got list"),
     "unknown top-level key": ({"bogus": 1}, "params.yaml: bogus: unknown key"),
     "unknown nested key": ({"embed": {"batchsize": 3}},
                            "params.yaml: embed.batchsize: unknown key"),
@@ -299,10 +301,11 @@ def test_bad_params_stop_snakemake_in_one_line_as_longctx_validate_does(project,
     change, says = BAD_PARAMS[fault]
     good = (project / "params.yaml").read_text()
     params = yaml.safe_load(good)
-    for section, value in change.items():
+    for section, value in ({} if isinstance(change, str) else change).items():
         params[section] = {**params[section], **value} if isinstance(value, dict) else value
+    bad = change if isinstance(change, str) else yaml.safe_dump(params, sort_keys=False)
     try:
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (project / "params.yaml").write_text(bad)
         validate, snakemake = tools(project, ("longctx", "validate"),
                                     ("snakemake", "-n", "--cores", "1"), check=False)
     finally:

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from longctx.errors import ConfigError, RuleError, join_key
+from longctx.errors import ConfigError, RuleError, join_key, one_line
 from longctx.train.rope import Stage, check_stages
 
 BUNDLED = "bundled"
@@ -772,7 +772,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+        raise ConfigError(f"{path}: not valid YAML ({one_line(exc)})") from None
     return validate_params(data, str(path))
 
 

@@ -91,9 +91,8 @@ def export_dvc_yaml(snakefile: Path, params_file: Path) -> str:
     """The text of `dvc.yaml` for the DAG defined by `snakefile`."""
     from longctx.workflow import check_params, eval_models
 
-    config = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
-    check_params(config, params_file)  # its one-line refusal, not the Snakefile's exit
-    models = eval_models(config)
+    check_params(params_file)  # its one-line refusal, not the Snakefile's exit
+    models = eval_models(yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {})
     stages: dict[str, Any] = {}
     plots: list[dict[str, Any]] = []
     for job in snakemake_jobs(Path(snakefile), Path(params_file)):

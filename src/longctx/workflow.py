@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -200,15 +201,19 @@ def lmeval_tasks(config: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- params check
 
 
-def check_params(config: dict[str, Any], params_file: str | Path) -> None:
-    """What every step would refuse, refused before the DAG is built: a bad key or value,
-    a cross-field rule broken, a file the params name missing. And `--config`/`--configfile`
-    overrides: the steps read `params_file` themselves, and DVC tracks that file, so a value
-    that lives only in Snakemake's memory would make the two disagree about what was run."""
+def check_params(params_file: str | Path) -> None:
+    """What every step would refuse, refused before the DAG is built: bad YAML, a bad key or
+    value, a cross-field rule broken, a file the params name missing."""
     from longctx.config import load_params
     from longctx.inputs import NAMED_BY, named_files
 
-    params = load_params(params_file)
+    named_files(load_params(params_file), *NAMED_BY)
+
+
+def check_no_overrides(config: dict[str, Any], params_file: str | Path) -> None:
+    """Refuse `--config`/`--configfile` overrides: the steps read `params_file` themselves,
+    and DVC tracks that file, so a value that lives only in Snakemake's memory would make
+    the two disagree about what was run."""
     on_disk = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
     if config != on_disk:
         raise ConfigError(
@@ -216,13 +221,12 @@ def check_params(config: dict[str, Any], params_file: str | Path) -> None:
             "so edit it, switch profiles with `longctx profile NAME`, or use "
             "`dvc exp run -S key=value`, instead of --config/--configfile"
         )
-    named_files(params, *NAMED_BY)
 
 
-def stop_on_bad_params(config: dict[str, Any], params_file: str | Path) -> None:
-    """check_params for the Snakefile: a refusal is one line on stderr and exit status 1
+def exit_on_refusal(check: Callable[..., None], *args: Any) -> None:
+    """Run a check for the Snakefile: a refusal is one line on stderr and exit status 1
     (an exception would print Snakemake's traceback around it)."""
     try:
-        check_params(config, params_file)
+        check(*args)
     except LongctxError as exc:
         sys.exit(f"longctx: error: {exc}")

@@ -1,8 +1,9 @@
-# Shared wiring: the params check and the helpers every rule uses. longctx's own check runs
-# before anything else and refuses, in one line, what every step would refuse (bad keys and
-# values, cross-field rules, files the params name that are missing); the JSON schema in
-# workflow/schemas/ is generated from the same models, for editors.
-from longctx.workflow import (eval_models, lmeval_tasks, model_dir, params_files, sections,
-                               stage_indices, step_code, stop_on_bad_params)
+# Shared wiring: the params checks and the helpers every rule uses. longctx's own check ran
+# first (Snakefile) and refused, in one line, what every step would refuse (bad YAML, keys and
+# values, cross-field rules, files the params name that are missing); here Snakemake's config
+# must be the file itself. The JSON schema in workflow/schemas/ is generated from the same
+# models, for editors.
+from longctx.workflow import (check_no_overrides, eval_models, exit_on_refusal, lmeval_tasks,
+                               model_dir, params_files, sections, stage_indices, step_code)
 
-stop_on_bad_params(config, "params.yaml")
+exit_on_refusal(check_no_overrides, config, "params.yaml")
