@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def snakemake_jobs(snakefile: Path, params_file: Path) -> list[Any]:
 
     if not snakefile.is_file():
         raise LongctxError(f"{snakefile}: Snakefile not found (run from the project root)")
+    logging.getLogger("snakemake.logging").propagate = False  # its DAG chatter, in our log
     with contextlib.redirect_stdout(io.StringIO()), SnakemakeApi(
         OutputSettings(quiet={Quietness.ALL})
     ) as api:
