@@ -440,7 +440,7 @@ def test_launcher_relaunches_only_when_asked(monkeypatch, root):
         command = launcher(TrainConfig(accelerate_config=config, processes=4), argv)
         assert command[1:7] == ["-m", "accelerate.commands.launch", "--config_file", config,
                                 "--num_processes", "4"]  # the params' count, not the file's
-    with pytest.raises(ConfigError, match="train.accelerate_config: nowhere.yaml not found"):
+    with pytest.raises(ConfigError, match="train.accelerate_config: nowhere.yaml: file not found"):
         launcher(TrainConfig(accelerate_config="nowhere.yaml"), argv)
     monkeypatch.setenv("WORLD_SIZE", "2")  # already launched: train here
     assert launcher(TrainConfig(processes=2), argv) is None

@@ -89,7 +89,7 @@ NAMED_BY: dict[str, Callable[[Params], list[Path | None]]] = {
                                             "instructions.dedup_model")],
     "llm": _llm,
     "pack": lambda p: file_named(p.pack.short_path if p.pack.short_source == "file" else None,
-                            "pack.short_path"),
+                                 "pack.short_path"),
     "train": lambda p: file_named(p.train.accelerate_config, "train.accelerate_config"),
     "ruler": lambda p: (file_named(p.ruler.squad_path, "ruler.squad_path")
                         + file_named(p.ruler.hotpotqa_path, "ruler.hotpotqa_path")),
