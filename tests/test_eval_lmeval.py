@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from llm_data import build_tiny_chat_model
 
+from longctx.config import LMEVAL_SHIPPED
 from longctx.errors import LongctxError
 from longctx.eval.lmeval import (
-    SHIPPED,
     build_cloze,
     render_tasks,
     run_lmeval,
@@ -77,12 +77,12 @@ def _sample(index: int, refs: tuple[str, ...]) -> EvalSample:
 def test_write_task_data_and_render(tmp_path):
     cloze = build_cloze(DOCS, 3, seed=0)
     paths = write_task_data(tmp_path, cloze, [_sample(0, ("a",)), _sample(1, ("b", "c"))])
-    assert sorted(paths) == sorted(SHIPPED)
+    assert sorted(paths) == sorted(LMEVAL_SHIPPED)
     rows = [json.loads(x) for x in paths["longctx_ruler"].read_text().splitlines()]
     assert rows[1] == {"id": "niah_single_1-256-d50-1", "task": "niah_single_1", "length": 256,
                        "input": "Say 1.", "gen_prefix": "The answer is", "outputs": ["b", "c"],
                        "metric": "all", "max_new_tokens": 3}
-    filled = render_tasks(tmp_path, list(SHIPPED), tmp_path / "run" / "tasks")
+    filled = render_tasks(tmp_path, list(LMEVAL_SHIPPED), tmp_path / "run" / "tasks")
     assert filled == {"max_gen_toks": {"longctx_ruler": 3}}
     yaml_text = (tmp_path / "run" / "tasks" / "longctx_cloze.yaml").read_text()
     assert json.dumps(str(paths["longctx_cloze"].resolve())) in yaml_text

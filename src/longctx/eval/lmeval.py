@@ -38,7 +38,6 @@ from longctx.eval.samples import EvalSample
 from longctx.repro import atomic_path, write_json
 
 TASKS_DIR = Path(__file__).parent / "tasks"
-SHIPPED = LMEVAL_SHIPPED
 CLOZE_KEYS = ("id", "context", "choices", "label")
 RULER_KEYS = ("id", "task", "length", "input", "gen_prefix", "outputs", "metric",
               "max_new_tokens")
@@ -306,8 +305,8 @@ def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, batch_size:
     if not tasks:
         raise LongctxError("lm-eval: no tasks listed (lmeval.tasks)")
     # each task once and no unknown longctx_ name: the params refuse those (LmevalConfig)
-    ours = [t for t in tasks if t in SHIPPED]
-    standard = [t for t in tasks if t not in SHIPPED]
+    ours = [t for t in tasks if t in LMEVAL_SHIPPED]
+    standard = [t for t in tasks if t not in LMEVAL_SHIPPED]
     if not (Path(model_dir) / "config.json").is_file():
         raise LongctxError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
 
@@ -326,7 +325,7 @@ def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, batch_size:
         unknown = [t for t in standard if t not in manager.all_tasks]
         if unknown:
             raise LongctxError(
-                f"lm-eval: unknown task(s) {unknown}; shipped: {list(SHIPPED)}. Standard "
+                f"lm-eval: unknown task(s) {unknown}; shipped: {list(LMEVAL_SHIPPED)}. Standard "
                 f"lm-eval task names work with hub access, or with their datasets in the local "
                 f"Hugging Face cache")
         split, chat_tasks = _load_tasks(manager, tasks)
