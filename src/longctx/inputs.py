@@ -52,7 +52,7 @@ def local_source(value: str | None, key: str) -> Path | None:
     return None  # a hub id
 
 
-def _files_under(path: Path) -> list[Path]:
+def files_under(path: Path) -> list[Path]:
     """A directory stands for its files (its mtime misses edits inside it); hidden entries
     (.git, .cache) and __pycache__ are not part of what a step reads."""
     if not path.is_dir():
@@ -103,5 +103,5 @@ def named_files(params: Params, *sections: str) -> list[Path]:
     for section in sections:
         for path in NAMED_BY.get(section, lambda _: [])(params):
             if path is not None:
-                found.update(_files_under(path))
+                found.update(files_under(path))
     return sorted(found)

@@ -83,10 +83,10 @@ def _beside(node: ast.AST, path: Path) -> list[Path]:
         return []
     if not any(isinstance(n, ast.Name) and n.id == "__file__" for n in ast.walk(node.left)):
         return []
+    from longctx.inputs import files_under
+
     target = path.parent / node.right.value
-    if target.is_dir():
-        return sorted(p for p in target.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    return [target] if target.is_file() else []
+    return files_under(target) if target.exists() else []
 
 
 def _toplevel(tree: ast.AST) -> list[ast.AST]:
