@@ -48,16 +48,16 @@ def fake_handler(script):
                 if n <= script.stall_first:
                     time.sleep(script.stall_s)  # longer than the client waits
                 time.sleep(script.delay_s)
-                if n <= script.fail_first + script.stall_first:
-                    self._send(script.status, {"error": {"message": "overloaded"}})
-                    return
-                text = body["messages"][-1]["content"][::-1]
-                self._send(200, {"choices": [{"index": 0, "finish_reason": "length",
-                                              "message": {"role": "assistant", "content": text}}],
-                                 "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
-            finally:
+            finally:  # done before the reply leaves: the client's next request may come at once
                 with script.lock:
                     script.in_flight -= 1
+            if n <= script.fail_first + script.stall_first:
+                self._send(script.status, {"error": {"message": "overloaded"}})
+                return
+            text = body["messages"][-1]["content"][::-1]
+            self._send(200, {"choices": [{"index": 0, "finish_reason": "length",
+                                          "message": {"role": "assistant", "content": text}}],
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
 
         def _send(self, status, obj):
             data = json.dumps(obj).encode()
