@@ -18,23 +18,18 @@ from synth_data import scripted_llm
 from longctx.cli import main
 from longctx.config import EmbedConfig, IndexConfig, Params, SummarizeConfig
 from longctx.errors import LongctxError
-from longctx.pack import (
-    SCHEMA,
-    first_fit,
-    largest_remainder,
-    pack_stage,
-    qfs_chats,
-    read_sequences,
-)
+from longctx.pack import first_fit, largest_remainder, pack_stage, qfs_chats
 from longctx.pack_show import pack_show
 from longctx.retrieval.embed import embed_corpus
 from longctx.retrieval.index import build_index
 from longctx.retrieval.search import Retriever
+from longctx.sequences import SCHEMA, read_sequences
 from longctx.synth.long_output import LONG_OUTPUT_SCHEMA
 from longctx.synth.respond import RESPONSES_SCHEMA
 from longctx.synth.summarize import summarize
 from longctx.synth.tables import write_table
 from longctx.train.data import pack as data_pack
+from longctx.train.data import to_samples
 from longctx.train.loss import IGNORE_INDEX
 
 SEED = 11
@@ -311,7 +306,7 @@ def test_a_packed_short_sequence_trains_only_on_learnt_tokens(world, qfs):
     table = read_sequences(synth / "out" / "sequences.parquet")
     i = max(range(len(table)), key=lambda k: len(table[k].sample_lengths))
     ids, learn, lengths, kind = table[i]
-    samples = table.samples(i)
+    samples = to_samples(ids, learn, lengths)
     assert kind == "short" and [len(s.input_ids) for s in samples] == lengths
     packed = data_pack(samples, 1000, pad_id=0)
     targets = packed.targets[0].tolist()

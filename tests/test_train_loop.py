@@ -21,13 +21,8 @@ from safetensors.torch import load_file
 
 from longctx.config import TrainConfig, validate_params
 from longctx.errors import ConfigError, LongctxError
+from longctx.sequences import SCHEMA
 from longctx.train.loop import TrainingInterrupted, lr_factor, train_stage
-
-SCHEMA = pa.schema([("sequence", pa.int32()), ("kind", pa.string()),
-                    ("input_ids", pa.list_(pa.int32())), ("learn", pa.list_(pa.bool_())),
-                    ("sample_lengths", pa.list_(pa.int32())),
-                    ("sample_ids", pa.list_(pa.string()))])
-
 
 def write_sequences(path, n=12, length=64, seed=0, packed=True):
     """n sequences: even ones a single long sample (all learnt), odd ones three short samples

@@ -24,21 +24,19 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from longctx import repro
 from longctx.config import Mixture, PackConfig, Params
-from longctx.errors import LongctxError, one_line
+from longctx.errors import LongctxError
 from longctx.llm.base import derive_seed
+from longctx.sequences import Tokenized, write_sequences
 from longctx.synth.prompts import merge_prompt, qfs_prompt
 from longctx.synth.tables import count_reasons, read_documents, read_table
 from longctx.tokens import Counter, load_tokenizer, split_chunks, token_counter
@@ -48,32 +46,13 @@ log = logging.getLogger(__name__)
 KINDS = ("long", "long_output", "short")
 REASONS = ("too_long", "under_filled")
 ROLES = ("system", "user", "assistant")
-ROW_GROUP = 64  # sequences per parquet row group: a reader fetches one sequence cheaply
 SEP = "\n\n"
 SHRINK_SLACK = 8  # tokens taken off beyond the overflow when a verified sample is too long
 HISTOGRAM_BINS = 8
-SCHEMA = pa.schema([
-    ("sequence", pa.int32()), ("kind", pa.string()), ("input_ids", pa.list_(pa.int32())),
-    ("learn", pa.list_(pa.bool_())), ("sample_lengths", pa.list_(pa.int32())),
-    ("sample_ids", pa.list_(pa.string())),
-])
-
 Chat = list[dict[str, str]]
 
 
 # --------------------------------------------------------------------------- tokens
-
-
-@dataclass
-class Tokenized:
-    """One sample: token ids and per-token learn flags (numpy, compact at 1M-token lengths)."""
-
-    id: str
-    ids: np.ndarray  # int32
-    learn: np.ndarray  # bool
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 class ChatTokenizer:
@@ -486,30 +465,6 @@ def _choose(count: int, available: int, rng: random.Random) -> list[int]:
     return order[:count]
 
 
-def _write_sequences(path: str | Path, rows: list[tuple[str, list[Tokenized]]]) -> None:
-    """sequences.parquet atomically, ROW_GROUP sequences per row group."""
-    with repro.atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
-            for start in range(0, len(rows), ROW_GROUP):
-                writer.write_table(_batch(rows[start:start + ROW_GROUP], start),
-                                   row_group_size=ROW_GROUP)
-
-
-def _batch(rows: list[tuple[str, list[Tokenized]]], start: int) -> pa.Table:
-    lengths = [sum(len(s) for s in samples) for _, samples in rows]
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    ids = np.concatenate([s.ids for _, samples in rows for s in samples]).astype(np.int32)
-    learn = np.concatenate([s.learn for _, samples in rows for s in samples]).astype(bool)
-    return pa.Table.from_arrays([
-        pa.array(range(start, start + len(rows)), pa.int32()),
-        pa.array([kind for kind, _ in rows], pa.string()),
-        pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
-        pa.ListArray.from_arrays(offsets, pa.array(learn, pa.bool_())),
-        pa.array([[len(s) for s in samples] for _, samples in rows], pa.list_(pa.int32())),
-        pa.array([[s.id for s in samples] for _, samples in rows], pa.list_(pa.string())),
-    ], schema=SCHEMA)
-
-
 def pack_stage(params: Params, stage: int, model_dir: str | Path, docs: str | Path,
                instructions: str | Path, retrieved: str | Path, summaries: str | Path,
                responses: str | Path, long_output: str | Path, index: str | Path,
@@ -569,7 +524,7 @@ def pack_stage(params: Params, stage: int, model_dir: str | Path, docs: str | Pa
             derive_seed(seed, "choose", kind)))
         rows += [(kind, packed[kind][i]) for i in picks]
     random.Random(derive_seed(seed, "sequences")).shuffle(rows)
-    _write_sequences(out, rows)
+    write_sequences(out, rows)
     result = _stats(stage, length, capacity, shares, counts, available, made, rows)
     repro.write_json(stats, result)
     log.info("pack stage %d (length %d): %d sequences (%s), padding %.1f%% -> %s", stage,
@@ -630,105 +585,3 @@ def _stats(stage: int, length: int, capacity: dict[str, int], shares: dict[str, 
 def _edge(length: int, i: int) -> int | float:
     edge = Fraction(length * (i + 1), HISTOGRAM_BINS)
     return int(edge) if edge.denominator == 1 else round(float(edge), 2)
-
-
-# --------------------------------------------------------------------------- reading
-
-
-class Sequence(NamedTuple):
-    input_ids: list[int]
-    learn: list[bool]
-    sample_lengths: list[int]
-    kind: str
-
-
-class SequenceTable:
-    """sequences.parquet by index, one row group in memory at a time (training reads the
-    rows in order, so consecutive reads hit the cached group)."""
-
-    COLUMNS = ["sequence", "kind", "input_ids", "learn", "sample_lengths", "sample_ids"]
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise LongctxError(f"{self.path}: file not found (run the pack step)")
-        try:
-            self._file = pq.ParquetFile(self.path)
-        except (OSError, pa.ArrowException) as exc:
-            raise LongctxError(f"{self.path}: not a readable parquet file "
-                               f"({one_line(exc)})") from None
-        missing = [c for c in self.COLUMNS if c not in self._file.schema_arrow.names]
-        if missing:
-            raise LongctxError(f"{self.path}: missing column(s) {', '.join(missing)}")
-        meta = self._file.metadata
-        self._starts = np.cumsum([0] + [meta.row_group(g).num_rows
-                                        for g in range(meta.num_row_groups)])
-        self._cached: tuple[int, dict[str, list]] | None = None
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def _row(self, i: int) -> dict[str, Any]:
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"{self.path}: no sequence {i} (it has {len(self)})")
-        group = int(np.searchsorted(self._starts, i, side="right")) - 1
-        if self._cached is None or self._cached[0] != group:
-            table = self._file.read_row_group(group, columns=self.COLUMNS)
-            self._cached = (group, table.to_pydict())
-        data = self._cached[1]
-        row = {c: data[c][i - int(self._starts[group])] for c in self.COLUMNS}
-        where = f"{self.path}: sequence {i}"
-        if row["sequence"] != i:
-            raise LongctxError(f"{where}: row holds sequence {row['sequence']}")
-        n = len(row["input_ids"])
-        if len(row["learn"]) != n or sum(row["sample_lengths"]) != n \
-                or len(row["sample_ids"]) != len(row["sample_lengths"]) \
-                or min(row["sample_lengths"], default=0) < 1:
-            raise LongctxError(f"{where}: {n} tokens, {len(row['learn'])} learn flags, sample "
-                               f"lengths {row['sample_lengths'][:8]} and "
-                               f"{len(row['sample_ids'])} sample ids disagree")
-        return row
-
-    def __getitem__(self, i: int) -> Sequence:
-        row = self._row(i)
-        return Sequence(row["input_ids"], row["learn"], row["sample_lengths"], row["kind"])
-
-    def __iter__(self) -> Iterator[Sequence]:
-        return (self[i] for i in range(len(self)))
-
-    def _sample_lengths(self) -> list[list[int]]:
-        return self._file.read(columns=["sample_lengths"])["sample_lengths"].to_pylist()
-
-    def longest(self) -> int:
-        """Tokens of the longest sequence, from the small sample_lengths column alone."""
-        return max(map(sum, self._sample_lengths()), default=0)
-
-    def most_samples(self) -> int:
-        """Samples in the most packed sequence (1: every sequence holds one sample)."""
-        return max(map(len, self._sample_lengths()), default=0)
-
-    def sample_ids(self, i: int) -> list[str]:
-        return self._row(i)["sample_ids"]
-
-    def samples(self, i: int) -> list:
-        return to_samples(*self[i][:3])
-
-
-def read_sequences(path: str | Path) -> SequenceTable:
-    return SequenceTable(path)
-
-
-def to_samples(input_ids: list[int], learn: list[bool], sample_lengths: list[int]) -> list:
-    """A sequence split back into its train.data.Sample objects (for train.data.pack)."""
-    from longctx.train.data import Sample
-
-    if sum(sample_lengths) != len(input_ids) or len(learn) != len(input_ids):
-        raise ValueError(f"{len(input_ids)} tokens, {len(learn)} learn flags, sample lengths "
-                         f"summing to {sum(sample_lengths)}")
-    out, start = [], 0
-    for n in sample_lengths:
-        out.append(Sample(list(input_ids[start:start + n]), list(learn[start:start + n])))
-        start += n
-    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from longctx.errors import LongctxError
-from longctx.pack import read_sequences
+from longctx.sequences import read_sequences
 from longctx.tokens import load_tokenizer
 
 GREEN, GREY, RESET = "\x1b[32m", "\x1b[90m", "\x1b[0m"

@@ -20,6 +20,7 @@ from longctx import repro
 from longctx.config import LLMConfig
 from longctx.errors import LongctxError, one_line
 from longctx.llm import LLM, make_llm
+from longctx.parquet import open_table
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,7 @@ def write_table(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema)
 
 def read_table(path: str | Path, columns: list[str]) -> list[dict[str, Any]]:
     """The named columns of a parquet table as row dicts; a clear error when it is unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise LongctxError(f"{path}: file not found (run the step that writes it)")
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise LongctxError(f"{path}: not a readable parquet file ({one_line(exc)})") from None
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise LongctxError(f"{path}: missing column(s) {', '.join(missing)}")
-    return pq.read_table(path, columns=columns).to_pylist()
+    return open_table(path, columns).read(columns=columns).to_pylist()
 
 
 def read_documents(docs_path: str | Path, ids: list[str] | None = None) -> dict[str, dict]:

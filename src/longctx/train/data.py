@@ -40,6 +40,19 @@ class Sample:
             raise ValueError("a sample needs at least one token")
 
 
+def to_samples(input_ids: list[int], learn: list[bool], sample_lengths: list[int]
+               ) -> list[Sample]:
+    """A row of the sequences file (longctx.sequences) split back into its samples."""
+    if sum(sample_lengths) != len(input_ids) or len(learn) != len(input_ids):
+        raise ValueError(f"{len(input_ids)} tokens, {len(learn)} learn flags, sample lengths "
+                         f"summing to {sum(sample_lengths)}")
+    out, start = [], 0
+    for n in sample_lengths:
+        out.append(Sample(list(input_ids[start:start + n]), list(learn[start:start + n])))
+        start += n
+    return out
+
+
 @dataclass
 class Packed:
     """One training sequence: [1, T] ids, shifted targets and position ids, [1, 1, T, T]

@@ -43,7 +43,7 @@ from longctx.config import Params, StagesConfig, TrainConfig
 from longctx.errors import LongctxError
 from longctx.llm.base import derive_seed
 from longctx.train import checkpoint
-from longctx.train.data import ROW_KERNELS, Packed, collate, shard
+from longctx.train.data import ROW_KERNELS, Packed, collate, shard, to_samples
 from longctx.train.launch import stop_with_launcher
 from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy, liger_cross_entropy
 from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule, stage_config
@@ -355,7 +355,7 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
     from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoTokenizer
 
-    from longctx.pack import read_sequences
+    from longctx.sequences import read_sequences
 
     cfg, key = params.train, f"stages.schedule[{stage}]"
     if not 0 <= stage < len(params.stages.schedule):
@@ -421,7 +421,8 @@ def train_stage(params: Params, stage: int, base_dir: Path, init_dir: Path, sequ
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches: list[Packed] = [
-                collate([sequences.samples(i) for i in _batch_indices(step, m, rank, cfg, world)],
+                collate([to_samples(*sequences[i][:3])
+                         for i in _batch_indices(step, m, rank, cfg, world)],
                         cfg.attention, pad_id, mask_dtype) for m in range(cfg.grad_accum)]
             if cfg.context_parallel > 1:  # this process's slice of every row
                 batches = [shard(b, cfg.context_parallel, rank % cfg.context_parallel, pad_id)
