@@ -6,7 +6,7 @@ CUDA, fp32 on CPU. Per shape and sequence length, variants on the same weights (
 and the same random tokens:
   plain_hf: `model(input_ids=ids, labels=ids).loss`, backward, step, zero_grad: the logits of
             the whole sequence (and their fp32 copy) live through the backward pass;
-  longctx:  `LossModel(model, chunk_tokens)` from longctx.train.loop, targets = ids shifted by
+  longctx:  `LossModel(model, chunk_tokens)` from longctx.train.loss, targets = ids shifted by
             one, loss = sum / count: the chunked cross-entropy never holds the whole logits;
   longctx_liger (only with --variants): the same with Liger's fused kernel (train.loss liger).
 Every (shape, length, variant) runs in a fresh subprocess, so its peak memory is its own
@@ -116,7 +116,7 @@ def child(spec: dict) -> dict:
 
     import torch
 
-    from longctx.train.loop import LossModel  # imported by both variants: same baseline RSS
+    from longctx.train.loss import LossModel  # imported by both variants: same baseline RSS
 
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"

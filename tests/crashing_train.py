@@ -17,8 +17,9 @@ def main(params_file: str, base: str, sequences: str, run_dir: str, crash_at: st
             raise SystemExit(f"killed after step {step}")
 
     out = Path(run_dir)
-    train_stage(load_params(Path(params_file)), 0, Path(base), Path(base), Path(sequences),
-                out / "model", out / "live", out / "checkpoints", on_step=crash)
+    train_stage(load_params(Path(params_file)), stage=0, base=Path(base), init=Path(base),
+                sequences=Path(sequences), model=out / "model", live=out / "live",
+                checkpoints=out / "checkpoints", on_step=crash)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.train.data import Sample, collate, document_block_mask, pack, shard
+from longctx.train.data import Sample, collate, document_block_mask, pack_samples, shard
 from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy
 
 SAMPLES = [  # a long sample learns every token; short ones only their target (last tokens)
@@ -33,12 +33,12 @@ def run(model, input_ids, targets, **extra):
 
 
 def test_packed_sequence_equals_its_samples_one_by_one(model):
-    packed = pack(SAMPLES, length=20, pad_id=0, dtype=torch.float64)
+    packed = pack_samples(SAMPLES, length=20, pad_id=0, dtype=torch.float64)
     loss, n, grads = run(model, packed.input_ids, packed.targets,
                          position_ids=packed.position_ids, attention_mask=packed.attention_mask)
     alone_loss, alone_n, alone_grads = 0.0, 0, None
     for s in SAMPLES:
-        one = pack([s], length=len(s.input_ids), pad_id=0, dtype=torch.float64)
+        one = pack_samples([s], length=len(s.input_ids), pad_id=0, dtype=torch.float64)
         part, k, g = run(model, one.input_ids, one.targets)  # plain causal attention
         alone_loss, alone_n = alone_loss + part, alone_n + k
         alone_grads = g if alone_grads is None else {x: alone_grads[x] + g[x] for x in g}
@@ -50,7 +50,7 @@ def test_packed_sequence_equals_its_samples_one_by_one(model):
 
 
 def test_targets_positions_and_segments():
-    p = pack(SAMPLES[1:], length=11, pad_id=0)
+    p = pack_samples(SAMPLES[1:], length=11, pad_id=0)
     x = IGNORE_INDEX
     assert p.targets.tolist() == [[x, x, 23, 24, x, x, 32, 33, x, x, x]]  # never across samples
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0]]
@@ -63,7 +63,7 @@ def test_targets_positions_and_segments():
 def test_context_parallel_slices_cover_the_padded_rows():
     """4 slices of 9 tokens padded to 12: each 3 tokens, laid side by side the whole row, every
     token with its own target and position; no mask (sequence parallelism masks causally)."""
-    whole = pack(SAMPLES[1:], length=9, pad_id=0, mask=False)
+    whole = pack_samples(SAMPLES[1:], length=9, pad_id=0, mask=False)
     slices = [shard(whole, 4, k, pad_id=0) for k in range(4)]
     assert all(s.input_ids.shape == (1, 3) and s.attention_mask is None for s in slices)
     x = IGNORE_INDEX
@@ -75,7 +75,7 @@ def test_context_parallel_slices_cover_the_padded_rows():
 
 def test_too_many_tokens_and_bad_samples_are_refused():
     with pytest.raises(ValueError, match="hold 16 tokens, more than the sequence length 10"):
-        pack(SAMPLES, length=10, pad_id=0)
+        pack_samples(SAMPLES, length=10, pad_id=0)
     with pytest.raises(ValueError, match="3 tokens but 2 learn flags"):
         Sample([1, 2, 3], [True, True])
 
@@ -107,7 +107,8 @@ def test_document_block_mask_equals_flex_attentions_own(lengths):
     assert blocks(ours) == blocks(reference)
     dense = torch.stack([ours.mask_mod(0, 0, torch.tensor(q), torch.arange(length))
                          for q in range(length)])
-    allowed = pack([Sample([1] * n, [True] * n) for n in lengths], length, 0).attention_mask
+    allowed = pack_samples([Sample([1] * n, [True] * n) for n in lengths], length,
+                           0).attention_mask
     assert torch.equal(dense, allowed[0, 0] == 0)
 
 

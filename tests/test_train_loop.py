@@ -24,6 +24,7 @@ from longctx.errors import ConfigError, LongctxError
 from longctx.sequences import SCHEMA
 from longctx.train.loop import TrainingInterrupted, lr_factor, train_stage
 
+
 def write_sequences(path, n=12, length=64, seed=0, packed=True):
     """n sequences: even ones a single long sample (all learnt), odd ones three short samples
     (the last third of each learnt; `packed=False`: long ones too), as the pack step writes
@@ -66,8 +67,9 @@ def setup(tmp_path):
 
 
 def run(tmp_path, base, seqs, params, name="run", stage=0, init=None, on_step=None):
-    return train_stage(params, stage, base, init or base, seqs, tmp_path / name / "model",
-                       tmp_path / name / "live", tmp_path / name / "checkpoints", on_step)
+    return train_stage(params, stage=stage, base=base, init=init or base, sequences=seqs,
+                       model=tmp_path / name / "model", live=tmp_path / name / "live",
+                       checkpoints=tmp_path / name / "checkpoints", on_step=on_step)
 
 
 def weights(model_dir):
@@ -241,7 +243,7 @@ def launch(root, name):
 def train_command(params_file, base, seqs, out):
     return ["-m", "longctx.cli", "--params", str(params_file), "train", "--stage", "0",
             "--base", str(base), "--init", str(base), "--sequences", str(seqs),
-            "--out", str(out / "model"), "--live", str(out / "live"),
+            "--model", str(out / "model"), "--live", str(out / "live"),
             "--checkpoints", str(out / "checkpoints")]
 
 

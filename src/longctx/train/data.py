@@ -76,8 +76,8 @@ class Packed:
                 self.targets.to(device))
 
 
-def pack(samples: list[Sample], length: int, pad_id: int, dtype: torch.dtype = torch.float32,
-         mask: bool = True) -> Packed:
+def pack_samples(samples: list[Sample], length: int, pad_id: int,
+                 dtype: torch.dtype = torch.float32, mask: bool = True) -> Packed:
     """Lay `samples` end to end in one sequence of `length` tokens (padding after them);
     `mask=False` leaves the [T, T] mask out (flash attention, or one unpadded sample)."""
     total = sum(len(s.input_ids) for s in samples)
@@ -158,13 +158,14 @@ def collate(sequences: list[list[Sample]], attention: str, pad_id: int,
     """
     if attention in ROW_KERNELS:
         flat = [s for seq in sequences for s in seq]
-        row = pack(flat, sum(len(s.input_ids) for s in flat), pad_id, dtype, mask=False)
+        row = pack_samples(flat, sum(len(s.input_ids) for s in flat), pad_id, dtype,
+                           mask=False)
         row.block_mask = attention == "flex_attention" and len(flat) > 1
         return row
     longest = max(sum(len(s.input_ids) for s in seq) for seq in sequences)
     if len(sequences) == 1 and len(sequences[0]) == 1:
-        return pack(sequences[0], longest, pad_id, dtype, mask=False)
-    rows = [pack(seq, longest, pad_id, dtype) for seq in sequences]
+        return pack_samples(sequences[0], longest, pad_id, dtype, mask=False)
+    rows = [pack_samples(seq, longest, pad_id, dtype) for seq in sequences]
     return Packed(*(torch.cat([getattr(r, f) for r in rows]) for f in
                     ("input_ids", "targets", "position_ids", "attention_mask", "segments")))
 

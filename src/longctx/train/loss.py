@@ -12,13 +12,15 @@ gradient.
 
 The function returns a SUM and a token count, not a mean: the training loop divides by the
 number of target tokens over all accumulation steps and processes, so every token weighs the
-same however the tokens fall into micro-batches.
+same however the tokens fall into micro-batches. `LossModel` wraps a causal LM so that its
+forward returns that (sum, count) pair: the module the training loop trains.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100  # labels of tokens that carry no loss (transformers' convention)
 
@@ -98,3 +100,27 @@ def liger_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     labels = labels.reshape(-1)
     loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
     return loss(weight, hidden, labels).float(), (labels != IGNORE_INDEX).sum()
+
+
+class LossModel(nn.Module):
+    """A causal LM whose forward returns (summed loss, target tokens) through the chunked
+    cross-entropy (or Liger's). Wrapping the LM (rather than calling its parts from the loop)
+    keeps the output projection inside the module DDP/FSDP prepare, so sharded weights are
+    gathered."""
+
+    def __init__(self, lm: nn.Module, chunk_tokens: int, loss: str = "chunked"):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+        self.loss = loss
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP auto-wrap
+        self.config = lm.config  # read by DeepSpeed's Ulysses setup (heads, attention kernel)
+
+    def forward(self, input_ids, position_ids, attention_mask, targets):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                       attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
+        weight = self.lm.get_output_embeddings().weight
+        if self.loss == "liger":
+            return liger_cross_entropy(hidden, weight, targets)
+        return chunked_cross_entropy(hidden, weight, targets, self.chunk_tokens)
