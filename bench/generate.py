@@ -52,7 +52,7 @@ def model_dir(arg: str | None, tmp: Path) -> Path:
 
     log("models/base not found: converting the bundled GGUF (about a minute)")
     path = tmp / "base"
-    prepare_base_model(BaseModelConfig(), path)
+    prepare_base_model(BaseModelConfig(), model=path)
     return path
 
 
@@ -136,7 +136,7 @@ def summarize_cache(path: Path, n_instructions: int, batch_size: int, tmp: Path)
     docs = Path("data/corpus/docs.parquet")
     if not docs.is_file():
         docs = tmp / "docs.parquet"
-        build_corpus(CorpusConfig(), path, docs, tmp / "corpus.json")
+        build_corpus(CorpusConfig(), tokenizer=path, docs=docs, metrics=tmp / "corpus.json")
     ids = sorted(r["id"] for r in read_table(docs, ["id"]))[: 2 * n_instructions]
     instructions = [{"id": f"bench{i}", "instruction": BENCH_INSTRUCTIONS[i % 4]}
                     for i in range(n_instructions)]
@@ -153,9 +153,9 @@ def summarize_cache(path: Path, n_instructions: int, batch_size: int, tmp: Path)
     for name in ("cold", "warm"):
         with make_llm(llm_cfg, path, cache_path=tmp / "summarize.sqlite") as llm:
             t0 = time.perf_counter()
-            stats = summarize(cfg, llm, 0, tmp / "instructions.parquet",
-                              tmp / "retrieved.parquet", docs, tmp / f"{name}.parquet",
-                              tmp / f"{name}.json")
+            stats = summarize(cfg, llm, 0, instructions=tmp / "instructions.parquet",
+                              retrieved=tmp / "retrieved.parquet", docs=docs,
+                              summaries=tmp / f"{name}.parquet", metrics=tmp / f"{name}.json")
             seconds = time.perf_counter() - t0
             t = llm.total
         runs[name] = {"seconds": round(seconds, 3), "calls": t.calls, "hits": t.hits,

@@ -28,7 +28,7 @@ from longctx.synth.long_output import LONG_OUTPUT_SCHEMA
 from longctx.synth.respond import RESPONSES_SCHEMA
 from longctx.synth.summarize import summarize
 from longctx.synth.tables import write_table
-from longctx.train.data import pack as data_pack
+from longctx.train.data import pack_samples as data_pack
 from longctx.train.data import to_samples
 from longctx.train.loss import IGNORE_INDEX
 
@@ -62,8 +62,8 @@ def world(tmp_path_factory):
     write_docs(root / "docs.parquet", texts, titles)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LONGCTX_CACHE", str(root / "cache"))
-        embed_corpus(EmbedConfig(shard_size=8), root / "docs.parquet", root / "emb")
-        build_index(IndexConfig(type="flat"), root / "emb", root / "index", seed=0)
+        embed_corpus(EmbedConfig(shard_size=8), docs=root / "docs.parquet", embeddings=root / "emb")
+        build_index(IndexConfig(type="flat"), 0, embeddings=root / "emb", index=root / "index")
     return root
 
 
@@ -107,11 +107,14 @@ def params(length, sequences=None, mixture=None, seed=SEED, **pack):
 
 def run(world, synth, p, out=None, stage=0, docs=None, summaries=None):
     out = out or synth / "out"
-    stats = pack_stage(p, stage, world / "model", docs or world / "docs.parquet",
-                       synth / "instructions.parquet", synth / "retrieved.parquet",
-                       summaries or synth / "summaries.parquet", synth / "responses.parquet",
-                       synth / "long_output.parquet", world / "index", world / "emb",
-                       out / "sequences.parquet", out / "stats.json")
+    stats = pack_stage(p, stage=stage, model=world / "model", docs=docs or world / "docs.parquet",
+                       instructions=synth / "instructions.parquet",
+                       retrieved=synth / "retrieved.parquet",
+                       summaries=summaries or synth / "summaries.parquet",
+                       responses=synth / "responses.parquet",
+                       long_output=synth / "long_output.parquet", index=world / "index",
+                       embeddings=world / "emb", sequences=out / "sequences.parquet",
+                       metrics=out / "stats.json")
     assert json.loads((out / "stats.json").read_text()) == stats
     return pq.read_table(out / "sequences.parquet").to_pylist(), stats
 
@@ -251,8 +254,9 @@ def qfs(world, tmp_path):
                         {"q1": [0, 6, 2, LONG["Alpha"]]})
     llm = scripted_llm(qfs_reply)
     summarize(SummarizeConfig(chunk_tokens=12, budget_tokens=12, max_new_tokens=16), llm, SEED,
-              synth / "instructions.parquet", synth / "retrieved.parquet",
-              world / "docs.parquet", synth / "summaries.parquet", synth / "summaries.json")
+              instructions=synth / "instructions.parquet", retrieved=synth / "retrieved.parquet",
+              docs=world / "docs.parquet", summaries=synth / "summaries.parquet",
+              metrics=synth / "summaries.json")
     return synth, llm
 
 
@@ -561,7 +565,7 @@ def test_cli_pack_runs_the_stage_from_params(world, tmp_path):
     for name in ("instructions", "retrieved", "summaries", "responses", "long-output"):
         args += [f"--{name}", str(synth / f"{name.replace('-', '_')}.parquet")]
     args += ["--index", str(world / "index"), "--embeddings", str(world / "emb"),
-             "--out", str(out / "sequences.parquet"), "--stats", str(out / "stats.json")]
+             "--sequences", str(out / "sequences.parquet"), "--metrics", str(out / "stats.json")]
     assert main(args) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["stage"], stats["length"], stats["sequences"]) == (1, 400, 5)

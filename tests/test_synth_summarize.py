@@ -65,12 +65,13 @@ def write_inputs(root, instructions, docs, ranking, extra_retrieved=()):
                  schema={"instruction_id": pl.String, "doc_ids": pl.List(pl.String),
                          "scores": pl.List(pl.Float32)}).write_parquet(root / "ret.parquet")
     write_docs(root / "docs.parquet", docs)
-    return root / "inst.parquet", root / "ret.parquet", root / "docs.parquet"
+    return {"instructions": root / "inst.parquet", "retrieved": root / "ret.parquet",
+            "docs": root / "docs.parquet"}
 
 
 def run(cfg, llm, inputs, out_dir, seed=SEED):
-    stats = summarize(cfg, llm, seed, *inputs, out_dir / "summaries.parquet",
-                      out_dir / "summaries.json")
+    stats = summarize(cfg, llm, seed, **inputs, summaries=out_dir / "summaries.parquet",
+                      metrics=out_dir / "summaries.json")
     rows = pq.read_table(out_dir / "summaries.parquet").to_pylist()
     assert stats == json.loads((out_dir / "summaries.json").read_text())
     return rows, stats
@@ -236,7 +237,8 @@ def test_window_check_fails_before_any_call(tmp_path, recurse_inputs):
     llm = scripted_llm(reply, context_tokens=100)
     cfg = SummarizeConfig(chunk_tokens=90, max_new_tokens=16)
     with pytest.raises(LongctxError, match=r"summarize\.chunk_tokens: 90 .* 100-token window"):
-        summarize(cfg, llm, SEED, *recurse_inputs, tmp_path / "s.parquet", tmp_path / "s.json")
+        summarize(cfg, llm, SEED, **recurse_inputs, summaries=tmp_path / "s.parquet",
+                  metrics=tmp_path / "s.json")
     assert llm.backend.served == [] and not (tmp_path / "s.parquet").exists()
 
 
@@ -246,8 +248,8 @@ def test_window_check_is_not_stricter_than_needed(tmp_path):
     inputs = write_inputs(tmp_path / "in", ["Tell me."], [doc], [[0]])
     cfg = SummarizeConfig(chunk_tokens=40, max_new_tokens=16)
     with pytest.raises(LongctxError) as info:
-        summarize(cfg, scripted_llm(reply, context_tokens=60), SEED, *inputs,
-                  tmp_path / "s.parquet", tmp_path / "s.json")
+        summarize(cfg, scripted_llm(reply, context_tokens=60), SEED, **inputs,
+                  summaries=tmp_path / "s.parquet", metrics=tmp_path / "s.json")
     around = int(re.search(r"\+ (\d+) prompt tokens", str(info.value)).group(1))
     window = 40 + around + 16  # the smallest window chunk_tokens 40 is allowed
     rows, _ = run(cfg, scripted_llm(reply, context_tokens=window), inputs, tmp_path)
@@ -285,8 +287,8 @@ def test_unknown_instruction_in_retrieved_names_the_file(tmp_path):
     inputs = write_inputs(tmp_path / "in", ["Tell me."], ["Text."], [[0]],
                           extra_retrieved=["ffffffffffffffff"])
     with pytest.raises(LongctxError, match=r"ret\.parquet.*'ffffffffffffffff'"):
-        summarize(SummarizeConfig(), scripted_llm(reply), SEED, *inputs,
-                  tmp_path / "s.parquet", tmp_path / "s.json")
+        summarize(SummarizeConfig(), scripted_llm(reply), SEED, **inputs,
+                  summaries=tmp_path / "s.parquet", metrics=tmp_path / "s.json")
 
 
 

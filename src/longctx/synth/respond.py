@@ -15,12 +15,18 @@ import pyarrow as pa
 
 from longctx import repro
 from longctx.config import RespondConfig
-from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
 from longctx.synth import prompts
 from longctx.synth.quality import is_refusal, is_repetitive
-from longctx.synth.tables import count_reasons, mean_max, read_table, write_table
+from longctx.synth.tables import (
+    check_instruction_ids,
+    count_reasons,
+    mean_max,
+    read_instructions,
+    read_table,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,46 +58,44 @@ def reject_reason(text: str, finish_reason: str, cfg: RespondConfig) -> str | No
     return None
 
 
-def final_summaries(instructions: list[dict], summaries: list[dict],
-                    summaries_path: Path) -> dict[str, list[str]]:
+def final_summaries(texts: dict[str, str], summaries: list[dict], summaries_path: Path,
+                    instructions_path: Path) -> dict[str, list[str]]:
     """Each instruction's final summaries in (level, position) order; unknown ids are errors."""
-    known = {row["id"] for row in instructions}
+    check_instruction_ids([row["instruction_id"] for row in summaries], texts, summaries_path,
+                          instructions_path, "summarize")
     found: dict[str, list[tuple[int, int, str]]] = {}
     for row in summaries:
-        iid = row["instruction_id"]
-        if iid not in known:
-            raise LongctxError(f"{summaries_path}: instruction_id {iid!r} is not in the "
-                               "instructions table (rerun summarize)")
         if row["final"]:
-            found.setdefault(iid, []).append((row["level"], row["position"], row["summary"]))
+            found.setdefault(row["instruction_id"], []).append(
+                (row["level"], row["position"], row["summary"]))
     return {iid: [s for _, _, s in sorted(rows)] for iid, rows in found.items()}
 
 
-def respond(cfg: RespondConfig, llm: LLM, seed: int, instructions_path: str | Path,
-            summaries_path: str | Path, out_path: str | Path, stats_path: str | Path) -> dict:
-    """Answer every instruction that has final summaries in ONE batched call, filter the
-    answers, write one row per instruction and the stats; returns the stats."""
-    instructions = read_table(instructions_path, ["id", "instruction"])
-    summaries = read_table(summaries_path,
-                           ["instruction_id", "position", "level", "summary", "final"])
-    notes = final_summaries(instructions, summaries, Path(summaries_path))
-    asked = [row for row in instructions if row["id"] in notes]
+def respond(cfg: RespondConfig, llm: LLM, seed: int, *, instructions: str | Path,
+            summaries: str | Path, responses: str | Path, metrics: str | Path) -> dict:
+    """Answer every instruction of `instructions` that has final summaries in `summaries` in
+    ONE batched call, filter the answers, write one row per instruction to `responses` and the
+    stats to `metrics`; returns the stats."""
+    texts = read_instructions(instructions)
+    summary_rows = read_table(summaries,
+                              ["instruction_id", "position", "level", "summary", "final"])
+    notes = final_summaries(texts, summary_rows, Path(summaries), Path(instructions))
+    asked = [iid for iid in texts if iid in notes]
     sampling = cfg.sampling(derive_seed(seed, "respond"))
-    chats = [prompts.respond_prompt(row["instruction"], notes[row["id"]]) for row in asked]
-    answers = dict(zip((row["id"] for row in asked),
+    chats = [prompts.respond_prompt(texts[iid], notes[iid]) for iid in asked]
+    answers = dict(zip(asked,
                        llm.chat(chats, sampling, prompts.VERSIONS["respond"], desc="respond")))
 
     rows = []
-    for row in instructions:
-        answer = answers.get(row["id"])
+    for iid in texts:
+        answer = answers.get(iid)
         if answer is None:
-            rows.append(_row(row["id"], "", "none", 0, "no_summaries"))
+            rows.append(_row(iid, "", "none", 0, "no_summaries"))
             continue
         text = answer.text.strip()
         reason = reject_reason(text, answer.finish_reason, cfg)
-        rows.append(_row(row["id"], text, answer.finish_reason, answer.completion_tokens,
-                         reason))
-    write_table(out_path, rows, RESPONSES_SCHEMA)
+        rows.append(_row(iid, text, answer.finish_reason, answer.completion_tokens, reason))
+    write_table(responses, rows, RESPONSES_SCHEMA)
 
     kept_tokens = [r["n_tokens"] for r in rows if r["kept"]]
     stats = {
@@ -105,7 +109,7 @@ def respond(cfg: RespondConfig, llm: LLM, seed: int, instructions_path: str | Pa
         "template": prompts.VERSIONS["respond"],
         "model": repro.fingerprint(llm.identity),
     }
-    repro.write_json(stats_path, stats)
+    repro.write_json(metrics, stats)
     log.info("respond: %d of %d kept, dropped %s", stats["kept"], stats["instructions"],
              {k: v for k, v in stats["dropped"].items() if v})
     return stats

@@ -30,8 +30,15 @@ from longctx.llm import LLM, Chat, Completion
 from longctx.llm.base import derive_seed
 from longctx.synth.prompts import NOTHING_RELEVANT, VERSIONS, merge_prompt, qfs_prompt
 from longctx.synth.quality import is_repetitive
-from longctx.synth.tables import (count_reasons, mean_max, read_documents, read_table,
-                                   write_table)
+from longctx.synth.tables import (
+    check_instruction_ids,
+    count_reasons,
+    mean_max,
+    read_documents,
+    read_instructions,
+    read_table,
+    write_table,
+)
 from longctx.tokens import split_chunks
 
 log = logging.getLogger(__name__)
@@ -79,14 +86,13 @@ class Summary:
 
 def _read_inputs(instructions_path: Path, retrieved_path: Path) -> tuple[dict, dict]:
     """{id: instruction} in table order and {id: doc_ids best first}; unknown ids are errors."""
-    rows = read_table(instructions_path, ["id", "instruction"])
-    texts = {r["id"]: r["instruction"] for r in rows}
+    texts = read_instructions(instructions_path)
+    rows = read_table(retrieved_path, ["instruction_id", "doc_ids"])
+    check_instruction_ids([r["instruction_id"] for r in rows], texts, retrieved_path,
+                          instructions_path, "retrieve")
     ranked: dict[str, list[str]] = {}
-    for row in read_table(retrieved_path, ["instruction_id", "doc_ids"]):
+    for row in rows:
         iid = row["instruction_id"]
-        if iid not in texts:
-            raise LongctxError(f"{retrieved_path}: instruction_id {iid!r} is not in "
-                               f"{instructions_path} (rerun retrieve)")
         if iid in ranked:
             raise LongctxError(f"{retrieved_path}: instruction_id {iid!r} appears twice")
         ranked[iid] = list(row["doc_ids"] or [])
@@ -145,7 +151,7 @@ def _complete(cfg: SummarizeConfig, llm: LLM, seed: int, level: int,
             for o, t, n in zip(outs, texts, sizes)]
 
 
-def _pack(rows: list[Summary], limit: int, marker: int) -> list[list[Summary]]:
+def _group_notes(rows: list[Summary], limit: int, marker: int) -> list[list[Summary]]:
     """Consecutive summaries, greedily grouped so that a group's notes fit `limit` tokens
     (so a merge prompt is no longer than a chunk's)."""
     groups: list[list[Summary]] = []
@@ -204,7 +210,7 @@ def _recurse(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
             level = len(levels[iid]) - 1
             current = [r for r in levels[iid][level] if r.kept]
             if sum(r.n_tokens for r in current) > cfg.budget_tokens:
-                groups = _pack(current, cfg.chunk_tokens, marker)
+                groups = _group_notes(current, cfg.chunk_tokens, marker)
                 if level < cfg.max_levels and any(len(g) > 1 for g in groups):
                     plans[iid] = groups
                     continue
@@ -237,23 +243,25 @@ def _merged(iid: str, level: int, position: int, group: list[Summary],
                    kept=reason is None, reason=reason)
 
 
-def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, instructions_path: str | Path,
-              retrieved_path: str | Path, docs_path: str | Path, out_path: str | Path,
-              stats_path: str | Path) -> dict:
-    """Write summaries.parquet (every summary of every level) and its stats; returns stats."""
-    texts, ranked = _read_inputs(Path(instructions_path), Path(retrieved_path))
+def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, *, instructions: str | Path,
+              retrieved: str | Path, docs: str | Path, summaries: str | Path,
+              metrics: str | Path) -> dict:
+    """Summarize every retrieved document of every instruction with respect to it, level by
+    level, into `summaries` (every summary of every level) and the stats into `metrics`;
+    returns the stats."""
+    texts, ranked = _read_inputs(Path(instructions), Path(retrieved))
     doc_ids = list(dict.fromkeys(d for ids in ranked.values() for d in ids))
-    docs = read_documents(docs_path, doc_ids)
+    documents = read_documents(docs, doc_ids)
     _check_window(cfg, llm, [texts[iid] for iid in ranked])
-    chunks, left_out = _chunk_documents(cfg, llm, docs, doc_ids)
+    chunks, left_out = _chunk_documents(cfg, llm, documents, doc_ids)
 
     levels = _level0(cfg, llm, seed, texts, ranked, chunks)
     calls = [sum(len(levels[iid][0]) for iid in levels)] + _recurse(cfg, llm, seed, texts, levels)
     rows = [row for iid in texts for level in levels.get(iid, []) for row in level]
-    write_table(out_path, [asdict(r) for r in rows], SCHEMA)
+    write_table(summaries, [asdict(r) for r in rows], SCHEMA)
     stats = _stats(cfg, llm, rows, calls, len(texts), len(doc_ids),
                    sum(map(len, chunks.values())), left_out)
-    repro.write_json(stats_path, stats)
+    repro.write_json(metrics, stats)
     log.info("summarize: %d summaries over %d levels, %d final; %d instructions without any",
              stats["summaries"], stats["levels"], stats["final_summaries"],
              stats["instructions_without_summaries"])

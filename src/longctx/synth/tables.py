@@ -8,7 +8,7 @@ needs and names the file when something is missing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,21 @@ def write_table(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema)
 def read_table(path: str | Path, columns: list[str]) -> list[dict[str, Any]]:
     """The named columns of a parquet table as row dicts; a clear error when it is unusable."""
     return open_table(path, columns).read(columns=columns).to_pylist()
+
+
+def read_instructions(path: str | Path) -> dict[str, str]:
+    """{id: instruction} of instructions.parquet, in table order."""
+    return {r["id"]: r["instruction"] for r in read_table(path, ["id", "instruction"])}
+
+
+def check_instruction_ids(ids: Iterable[str], known: Container[str], table: str | Path,
+                          instructions: str | Path, rerun: str) -> None:
+    """Every instruction_id of `table` names an instruction of `instructions` (else the
+    table is from an older run: `rerun` is the step that writes it)."""
+    for iid in ids:
+        if iid not in known:
+            raise LongctxError(f"{table}: instruction_id {iid!r} is not in {instructions} "
+                               f"(rerun {rerun})")
 
 
 def read_documents(docs_path: str | Path, ids: list[str] | None = None) -> dict[str, dict]:
