@@ -128,7 +128,7 @@ def bench_embed(n_docs: int, batch_size: int, max_tokens: int, repeats: int) -> 
             log(f"embed: embed_corpus of {n} documents (repeat {r + 1})")
             os.environ["LONGCTX_CACHE"] = str(tmp / f"cache-{r}")  # from scratch every time
             t0 = time.perf_counter()
-            embed_corpus(cfg, tmp / "docs.parquet", tmp / f"emb-{r}")
+            embed_corpus(cfg, docs=tmp / "docs.parquet", embeddings=tmp / f"emb-{r}")
             ours_s.append(time.perf_counter() - t0)
         model.max_seq_length = old_max
         ours = np.concatenate([np.load(p) for p in sorted((tmp / "emb-0").glob("shard-*.npy"))])

@@ -23,5 +23,5 @@ def bundled_model_dir(tmp_path_factory) -> Path:
     from longctx.config import BaseModelConfig
 
     path = tmp_path_factory.mktemp("bundled") / "base"
-    prepare_base_model(BaseModelConfig(), path)
+    prepare_base_model(BaseModelConfig(), model=path)
     return path

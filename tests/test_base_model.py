@@ -25,7 +25,7 @@ def tiny_llama_dir(tmp_path):
 
 def test_local_directory_becomes_a_safetensors_dir_with_manifest(tiny_llama_dir, tmp_path):
     out = tmp_path / "models" / "base"
-    manifest = prepare_base_model(BaseModelConfig(source=str(tiny_llama_dir)), out)
+    manifest = prepare_base_model(BaseModelConfig(source=str(tiny_llama_dir)), model=out)
     assert manifest["source"]["kind"] == "local-dir"
     assert manifest["source"]["sha256"]["model.safetensors"]
     assert manifest["dtype"] == "bfloat16"
@@ -66,14 +66,15 @@ def test_model_dir_bytes_do_not_depend_on_offline_mode(tiny_llama_dir, tmp_path)
 )
 def test_bad_local_sources_are_named(source, message, tmp_path):
     with pytest.raises(LongctxError, match=f"base_model.source '{source}': {message}"):
-        prepare_base_model(BaseModelConfig(source=source), tmp_path / "out")
+        prepare_base_model(BaseModelConfig(source=source), model=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_directory_without_config_is_rejected(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LongctxError, match="directory has no config.json"):
-        prepare_base_model(BaseModelConfig(source=str(tmp_path / "empty")), tmp_path / "out")
+        prepare_base_model(BaseModelConfig(source=str(tmp_path / "empty")),
+                           model=tmp_path / "out")
 
 
 def test_unreachable_hub_id_fails_clearly(tmp_path, monkeypatch):
@@ -81,5 +82,5 @@ def test_unreachable_hub_id_fails_clearly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network waits
     with pytest.raises(LongctxError, match="base_model.source 'no-org/no-model': cannot load"):
-        prepare_base_model(BaseModelConfig(source="no-org/no-model"), tmp_path / "out")
+        prepare_base_model(BaseModelConfig(source="no-org/no-model"), model=tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ def config(*sources: dict, **kw) -> CorpusConfig:
 
 def build(tmp_path: Path, tok_dir: Path, cfg: CorpusConfig, name: str = "out"):
     out, stats_path = tmp_path / name / "docs.parquet", tmp_path / name / "stats.json"
-    stats = build_corpus(cfg, tok_dir, out, stats_path)
+    stats = build_corpus(cfg, tokenizer=tok_dir, docs=out, metrics=stats_path)
     assert json.loads(stats_path.read_text()) == stats
     return pq.read_table(out).to_pylist(), stats
 
@@ -293,8 +293,8 @@ def test_bad_input_raises_and_leaves_nothing(tmp_path, tok_dir, case):
     min_tokens = src.pop("min_tokens", 5)
     out_dir = tmp_path / "out"
     with pytest.raises(LongctxError) as info:
-        build_corpus(config(src, min_tokens=min_tokens), tok_dir,
-                     out_dir / "docs.parquet", out_dir / "stats.json")
+        build_corpus(config(src, min_tokens=min_tokens), tokenizer=tok_dir,
+                     docs=out_dir / "docs.parquet", metrics=out_dir / "stats.json")
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -341,7 +341,8 @@ def test_a_file_without_records_is_named(tmp_path, tok_dir, case):
     sources, message = _empty_sources(tmp_path)[case]
     out_dir = tmp_path / "out"
     with pytest.raises(LongctxError) as info:
-        build_corpus(config(*sources), tok_dir, out_dir / "docs.parquet", out_dir / "stats.json")
+        build_corpus(config(*sources), tokenizer=tok_dir, docs=out_dir / "docs.parquet",
+                     metrics=out_dir / "stats.json")
     assert str(info.value) == message
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
@@ -350,7 +351,8 @@ def test_missing_tokenizer_dir(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"text": doc(1)}])
     cfg = config({"format": "jsonl", "paths": [str(tmp_path / "d.jsonl")]})
     with pytest.raises(LongctxError, match="no-tokenizer"):
-        build_corpus(cfg, tmp_path / "no-tokenizer", tmp_path / "o.parquet", tmp_path / "s.json")
+        build_corpus(cfg, tokenizer=tmp_path / "no-tokenizer", docs=tmp_path / "o.parquet",
+                     metrics=tmp_path / "s.json")
     assert not (tmp_path / "o.parquet").exists()
 
 

@@ -40,8 +40,9 @@ def test_the_bundled_model_finds_needles_a_random_model_does_not(bundled_model_d
     sources = TextSources(texts)
     grid = niah_grid([512, 1024], [0, 50, 100], 1, 7, ChatMeasure(bundled_model_dir), sources)
     write_samples(tmp_path / "niah.parquet", grid)
-    found = evaluate("niah", "base", bundled_model_dir, tmp_path / "niah.parquet", CPU,
-                     tmp_path / "base.json", tmp_path / "base.csv", tmp_path / "calls.sqlite")
+    found = evaluate("niah", CPU, name="base", model=bundled_model_dir,
+                     samples=tmp_path / "niah.parquet", results=tmp_path / "base.json",
+                     table=tmp_path / "base.csv", cache_path=tmp_path / "calls.sqlite")
     # SmolLM2-135M finds a 7-digit needle at 2K (REFERENCE.md: 100%); allow one miss
     assert found["scores"]["niah"] >= 80, found["rows"]
     assert set(found["scores"]) == {"niah", "niah@512", "niah@1024"}
@@ -54,11 +55,12 @@ def test_the_bundled_model_finds_needles_a_random_model_does_not(bundled_model_d
              for s in ruler.generate(task, 2048, 1, 7, ChatMeasure(tiny), sources)]
     write_samples(tmp_path / "tiny-niah.parquet", grid)
     write_samples(tmp_path / "tiny-ruler.parquet", tasks)
-    noise = evaluate("niah", "tiny", tiny, tmp_path / "tiny-niah.parquet", CPU,
-                     tmp_path / "tiny.json", cache_path=tmp_path / "calls.sqlite")
+    noise = evaluate("niah", CPU, name="tiny", model=tiny, samples=tmp_path / "tiny-niah.parquet",
+                     results=tmp_path / "tiny.json", cache_path=tmp_path / "calls.sqlite")
     assert noise["scores"]["niah"] == 0
-    noise = evaluate("ruler", "tiny", tiny, tmp_path / "tiny-ruler.parquet", CPU,
-                     tmp_path / "tiny-ruler.json", cache_path=tmp_path / "calls.sqlite")
+    noise = evaluate("ruler", CPU, name="tiny", model=tiny,
+                     samples=tmp_path / "tiny-ruler.parquet", results=tmp_path / "tiny-ruler.json",
+                     cache_path=tmp_path / "calls.sqlite")
     assert noise["scores"]["ruler@2048"] < 10, noise["rows"]
     assert len([k for k in noise["scores"] if k.startswith("ruler/")]) == 13
 
@@ -96,7 +98,7 @@ def test_samples_are_cached_per_task_and_length(tiny, texts, tmp_path, monkeypat
     pl.DataFrame({"id": [str(i) for i in range(len(texts))], "text": texts}).write_parquet(docs)
     cache = tmp_path / "cache"
     cfg = RulerConfig(tasks=["niah_single_1", "vt"], lengths=[2048], samples=1)
-    build_ruler(cfg, 1, tiny, docs, tmp_path / "a.parquet", cache)
+    build_ruler(cfg, 1, model=tiny, docs=docs, samples=tmp_path / "a.parquet", cache_dir=cache)
     first = read_samples(tmp_path / "a.parquet")
     assert [(s.task, s.length) for s in first] == [("niah_single_1", 2048), ("vt", 2048)]
 
@@ -105,10 +107,10 @@ def test_samples_are_cached_per_task_and_length(tiny, texts, tmp_path, monkeypat
     monkeypatch.setattr(ruler, "generate", lambda task, length, *a: made.append(
         (task, length)) or real(task, length, *a))
     more = cfg.model_copy(update={"lengths": [2048, 2560]})
-    build_ruler(more, 1, tiny, docs, tmp_path / "b.parquet", cache)
+    build_ruler(more, 1, model=tiny, docs=docs, samples=tmp_path / "b.parquet", cache_dir=cache)
     assert made == [("niah_single_1", 2560), ("vt", 2560)]  # only the new length
     assert read_samples(tmp_path / "b.parquet")[::2] == first
 
-    build_niah(NiahConfig(lengths=[640], depths=[0, 100], trials=1), 1, tiny, docs,
-               tmp_path / "n.parquet", cache)
+    build_niah(NiahConfig(lengths=[640], depths=[0, 100], trials=1), 1, model=tiny, docs=docs,
+               samples=tmp_path / "n.parquet", cache_dir=cache)
     assert [s.depth for s in read_samples(tmp_path / "n.parquet")] == [0, 100]

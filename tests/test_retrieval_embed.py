@@ -40,7 +40,8 @@ def load_vectors(out):
 def test_first_tokens_manifest_and_shards(tmp_path):
     docs = write_topic_docs(tmp_path / "docs.parquet")
     out = tmp_path / "emb"
-    manifest = embed_corpus(EmbedConfig(shard_size=8, query_prefix="q: "), docs, out)
+    manifest = embed_corpus(EmbedConfig(shard_size=8, query_prefix="q: "), docs=docs,
+                            embeddings=out)
 
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert (manifest["rows"], manifest["documents"], manifest["dim"]) == (20, 20, 384)
@@ -69,7 +70,7 @@ def test_first_tokens_truncates_on_tokens_with_title_and_prefix(tmp_path, model)
     long_text = " ".join(["the river floods the valley every spring"] * 40)
     docs = write_docs(tmp_path / "docs.parquet", [long_text, "short text"], ["Floods", None])
     cfg = EmbedConfig(max_tokens=24, passage_prefix="passage: ")
-    manifest = embed_corpus(cfg, docs, tmp_path / "emb")
+    manifest = embed_corpus(cfg, docs=docs, embeddings=tmp_path / "emb")
 
     prefix_tokens = len(model.tokenizer("passage: ", add_special_tokens=False)["input_ids"])
     window = 24 - 2 - prefix_tokens  # [CLS] and [SEP] and the prefix count in the budget
@@ -93,7 +94,7 @@ def test_passages_map_rows_to_documents(tmp_path, model):
     ]
     docs = write_docs(tmp_path / "docs.parquet", texts)
     cfg = EmbedConfig(text="passages", max_tokens=32, shard_size=7)
-    manifest = embed_corpus(cfg, docs, tmp_path / "emb")
+    manifest = embed_corpus(cfg, docs=docs, embeddings=tmp_path / "emb")
     window = manifest["text"]["window"]
     assert window == 30 and manifest["text"]["stride"] == 30
 
@@ -114,7 +115,7 @@ def test_passages_stride_and_max_passages(tmp_path):
     text = " ".join(f"line {i} of the log file" for i in range(40))
     docs = write_docs(tmp_path / "docs.parquet", [text])
     cfg = EmbedConfig(text="passages", max_tokens=32, passage_stride=10, max_passages=4)
-    embed_corpus(cfg, docs, tmp_path / "emb")
+    embed_corpus(cfg, docs=docs, embeddings=tmp_path / "emb")
     rows = pl.read_parquet(tmp_path / "emb" / "rows.parquet")
     assert rows["token_start"].to_list() == [0, 10, 20, 30]
     assert rows["n_tokens"].to_list() == [30] * 4
@@ -146,7 +147,7 @@ def test_resume_after_kill_encodes_only_missing_shards(tmp_path, monkeypatch):
     cfg = EmbedConfig(shard_size=4, batch_size=3)  # 5 shards
 
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache-a"))
-    embed_corpus(cfg, docs, tmp_path / "uninterrupted")
+    embed_corpus(cfg, docs=docs, embeddings=tmp_path / "uninterrupted")
 
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache-b"))
     calls = []
@@ -160,14 +161,14 @@ def test_resume_after_kill_encodes_only_missing_shards(tmp_path, monkeypatch):
 
     monkeypatch.setattr(embed, "encode", dies_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
-        embed_corpus(cfg, docs, tmp_path / "resumed")
+        embed_corpus(cfg, docs=docs, embeddings=tmp_path / "resumed")
     assert not (tmp_path / "resumed").exists()
     cached = sorted(p.name for p in (tmp_path / "cache-b" / "embed").rglob("*.npy"))
     assert cached == ["shard-00000.npy", "shard-00001.npy"]
 
     calls.clear()
     monkeypatch.setattr(embed, "encode", lambda *a, **k: calls.append(a[1]) or real_encode(*a, **k))
-    manifest = embed_corpus(cfg, docs, tmp_path / "resumed")
+    manifest = embed_corpus(cfg, docs=docs, embeddings=tmp_path / "resumed")
     assert len(calls) == 3  # shards 2, 3 and 4 only
     assert [len(c) for c in calls] == [4, 4, 4]
     assert calls[0][0] == "Marathon\n" + TOPICS["Marathon"]  # document 8 starts shard 2
@@ -180,17 +181,19 @@ def test_two_runs_from_scratch_are_byte_identical(tmp_path, monkeypatch):
     cfg = EmbedConfig(text="passages", max_tokens=16, shard_size=16, batch_size=5)
     for run in ("one", "two"):
         monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / f"cache-{run}"))
-        embed_corpus(cfg, docs, tmp_path / run)
+        embed_corpus(cfg, docs=docs, embeddings=tmp_path / run)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
 
 
 def test_a_change_that_alters_vectors_misses_the_cache(tmp_path, cache):
     docs = write_topic_docs(tmp_path / "docs.parquet")
-    short = embed_corpus(EmbedConfig(max_tokens=8), docs, tmp_path / "short")
-    longer = embed_corpus(EmbedConfig(max_tokens=12), docs, tmp_path / "longer")  # same rows
+    short = embed_corpus(EmbedConfig(max_tokens=8), docs=docs, embeddings=tmp_path / "short")
+    longer = embed_corpus(EmbedConfig(max_tokens=12), docs=docs,  # same rows
+                          embeddings=tmp_path / "longer")
     assert short["shards"][0]["sha256"] != longer["shards"][0]["sha256"]
     assert len(list((cache / "embed").iterdir())) == 2
-    again = embed_corpus(EmbedConfig(max_tokens=8, query_prefix="q: "), docs, tmp_path / "again")
+    again = embed_corpus(EmbedConfig(max_tokens=8, query_prefix="q: "), docs=docs,
+                         embeddings=tmp_path / "again")
     assert again["shards"] == short["shards"]  # the query prefix does not touch documents
     assert len(list((cache / "embed").iterdir())) == 2
 
@@ -198,21 +201,22 @@ def test_a_change_that_alters_vectors_misses_the_cache(tmp_path, cache):
 def test_bad_inputs_are_one_line_errors(tmp_path):
     out = tmp_path / "emb"
     with pytest.raises(LongctxError, match="missing.parquet: documents file not found"):
-        embed_corpus(EmbedConfig(), tmp_path / "missing.parquet", out)
+        embed_corpus(EmbedConfig(), docs=tmp_path / "missing.parquet", embeddings=out)
 
     no_title = tmp_path / "no_title.parquet"
     pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), no_title)
     with pytest.raises(LongctxError, match="no_title.parquet: missing column.*title"):
-        embed_corpus(EmbedConfig(), no_title, out)
+        embed_corpus(EmbedConfig(), docs=no_title, embeddings=out)
 
     empty = write_docs(tmp_path / "empty.parquet", [])
     with pytest.raises(LongctxError, match="empty.parquet: contains zero documents"):
-        embed_corpus(EmbedConfig(), empty, out)
+        embed_corpus(EmbedConfig(), docs=empty, embeddings=out)
 
     docs = write_topic_docs(tmp_path / "docs.parquet")
     with pytest.raises(LongctxError, match="embed.model: local embedder path './no/such/model'"):
-        embed_corpus(EmbedConfig(model="./no/such/model"), docs, out)
+        embed_corpus(EmbedConfig(model="./no/such/model"), docs=docs, embeddings=out)
     with pytest.raises(LongctxError, match="embed.passage_prefix"):
-        embed_corpus(EmbedConfig(max_tokens=4, passage_prefix="a long prefix here"), docs, out)
+        embed_corpus(EmbedConfig(max_tokens=4, passage_prefix="a long prefix here"), docs=docs,
+                     embeddings=out)
     assert not out.exists()
     assert not list(tmp_path.glob(".emb*"))  # no temporary leftovers either

@@ -38,7 +38,7 @@ CONFIGS = {
 @pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw"])
 def test_types_reach_high_recall_and_reload_with_search_params(kind, emb, vectors, tmp_path):
     cfg = CONFIGS[kind].model_copy(update={"recall_sample": 200})
-    manifest = build_index(cfg, emb, tmp_path / "index", seed=7)
+    manifest = build_index(cfg, 7, embeddings=emb, index=tmp_path / "index")
 
     assert manifest == json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert (manifest["type"], manifest["dim"], manifest["ntotal"]) == (kind, DIM, N)
@@ -67,7 +67,7 @@ def test_types_reach_high_recall_and_reload_with_search_params(kind, emb, vector
 
 def test_ivf_pq_builds_and_compresses(emb, tmp_path):
     cfg = IndexConfig(type="ivf_pq", nlist=16, nprobe=16, pq_m=8, pq_bits=6, recall_sample=100)
-    manifest = build_index(cfg, emb, tmp_path / "index", seed=1)
+    manifest = build_index(cfg, 1, embeddings=emb, index=tmp_path / "index")
     assert manifest["params"] == {"nlist": 16, "pq_m": 8, "pq_bits": 6}
     assert 0.2 < manifest["recall"] < 1.0  # lossy codes, but far better than chance (10/4000)
     size = (tmp_path / "index" / "docs.faiss").stat().st_size
@@ -77,14 +77,14 @@ def test_ivf_pq_builds_and_compresses(emb, tmp_path):
 @pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw"])
 def test_two_builds_are_byte_identical(kind, emb, tmp_path):
     cfg = CONFIGS[kind].model_copy(update={"recall_sample": 20})
-    build_index(cfg, emb, tmp_path / "a", seed=3)
-    build_index(cfg, emb, tmp_path / "b", seed=3)
+    build_index(cfg, 3, embeddings=emb, index=tmp_path / "a")
+    build_index(cfg, 3, embeddings=emb, index=tmp_path / "b")
     a = (tmp_path / "a" / "docs.faiss").read_bytes()
     assert a == (tmp_path / "b" / "docs.faiss").read_bytes()
     manifest = (tmp_path / "a" / "manifest.json").read_bytes()  # no timings: DVC hashes match
     assert manifest == (tmp_path / "b" / "manifest.json").read_bytes()
     if kind == "ivf_flat":  # the seed really drives k-means
-        build_index(cfg, emb, tmp_path / "c", seed=4)
+        build_index(cfg, 4, embeddings=emb, index=tmp_path / "c")
         assert a != (tmp_path / "c" / "docs.faiss").read_bytes()
 
 
@@ -93,18 +93,18 @@ def test_collection_too_small_for_ivf(tmp_path):
     out = tmp_path / "index"
     too_small = r"index\.nlist=1024: only 100 vectors.*index\.type: flat"
     with pytest.raises(LongctxError, match=too_small):
-        build_index(IndexConfig(type="ivf_flat"), emb, out, seed=0)
+        build_index(IndexConfig(type="ivf_flat"), 0, embeddings=emb, index=out)
     with pytest.raises(LongctxError, match=r"index\.pq_m=5 must divide the embedding dim 32"):
-        build_index(IndexConfig(type="ivf_pq", nlist=4, pq_m=5), emb, out, seed=0)
+        build_index(IndexConfig(type="ivf_pq", nlist=4, pq_m=5), 0, embeddings=emb, index=out)
     with pytest.raises(LongctxError, match=r"index\.pq_bits=8: .* 256 training vectors, got 100"):
-        build_index(IndexConfig(type="ivf_pq", nlist=4, pq_m=8), emb, out, seed=0)
+        build_index(IndexConfig(type="ivf_pq", nlist=4, pq_m=8), 0, embeddings=emb, index=out)
     assert not out.exists()
 
 
 def test_missing_or_corrupt_embeddings(tmp_path):
     out = tmp_path / "index"
     with pytest.raises(LongctxError, match="manifest.json: embeddings manifest not found"):
-        build_index(IndexConfig(), tmp_path / "nothing", out, seed=0)
+        build_index(IndexConfig(), 0, embeddings=tmp_path / "nothing", index=out)
 
     emb = write_embeddings(tmp_path / "emb", clustered_vectors(50, DIM, 5), 20)
     shard = emb / "shard-00001.npy"
@@ -112,21 +112,22 @@ def test_missing_or_corrupt_embeddings(tmp_path):
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(LongctxError, match="shard-00001.npy: sha256 differs"):
-        build_index(IndexConfig(), emb, out, seed=0)
+        build_index(IndexConfig(), 0, embeddings=emb, index=out)
 
     shard.unlink()
     with pytest.raises(LongctxError, match="shard-00001.npy: embeddings shard missing"):
-        build_index(IndexConfig(), emb, out, seed=0)
+        build_index(IndexConfig(), 0, embeddings=emb, index=out)
 
     (emb / "manifest.json").write_text("{not json")
     with pytest.raises(LongctxError, match="corrupt embeddings manifest"):
-        build_index(IndexConfig(), emb, out, seed=0)
+        build_index(IndexConfig(), 0, embeddings=emb, index=out)
     assert not out.exists()
 
 
 def test_failed_build_leaves_previous_index_untouched(emb, tmp_path, monkeypatch):
     out = tmp_path / "index"
-    build_index(CONFIGS["flat"].model_copy(update={"recall_sample": 10}), emb, out, seed=0)
+    build_index(CONFIGS["flat"].model_copy(update={"recall_sample": 10}), 0, embeddings=emb,
+                index=out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def crash(index, path):
@@ -135,7 +136,7 @@ def test_failed_build_leaves_previous_index_untouched(emb, tmp_path, monkeypatch
 
     monkeypatch.setattr(index_mod.faiss, "write_index", crash)
     with pytest.raises(KeyboardInterrupt):
-        build_index(CONFIGS["hnsw"], emb, out, seed=0)
+        build_index(CONFIGS["hnsw"], 0, embeddings=emb, index=out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temp dir left
 

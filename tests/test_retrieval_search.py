@@ -19,9 +19,10 @@ def built(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LONGCTX_CACHE", str(root / "cache"))
         docs = write_topic_docs(root / "docs.parquet")
-        embed_corpus(EmbedConfig(shard_size=8), docs, root / "emb")
-        build_index(IndexConfig(type="flat"), root / "emb", root / "flat", seed=0)
-        build_index(IndexConfig(type="hnsw", hnsw_m=8), root / "emb", root / "hnsw", seed=0)
+        embed_corpus(EmbedConfig(shard_size=8), docs=docs, embeddings=root / "emb")
+        build_index(IndexConfig(type="flat"), 0, embeddings=root / "emb", index=root / "flat")
+        build_index(IndexConfig(type="hnsw", hnsw_m=8), 0, embeddings=root / "emb",
+                    index=root / "hnsw")
     return root
 
 
@@ -87,8 +88,9 @@ def test_passages_aggregate_to_documents(tmp_path, monkeypatch):
         *list(TOPICS.values())[1:6],
     ]
     docs = write_docs(tmp_path / "docs.parquet", texts)
-    embed_corpus(EmbedConfig(text="passages", max_tokens=24), docs, tmp_path / "emb")
-    build_index(IndexConfig(), tmp_path / "emb", tmp_path / "index", seed=0)
+    embed_corpus(EmbedConfig(text="passages", max_tokens=24), docs=docs,
+                 embeddings=tmp_path / "emb")
+    build_index(IndexConfig(), 0, embeddings=tmp_path / "emb", index=tmp_path / "index")
 
     retriever = Retriever(tmp_path / "index", tmp_path / "emb", docs)
     retriever.index = CountingIndex(retriever.index)
@@ -108,6 +110,7 @@ def test_passages_aggregate_to_documents(tmp_path, monkeypatch):
 
 def test_index_from_other_embeddings_is_refused(built, tmp_path, monkeypatch):
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
-    embed_corpus(EmbedConfig(max_tokens=64), built / "docs.parquet", tmp_path / "emb")
+    embed_corpus(EmbedConfig(max_tokens=64), docs=built / "docs.parquet",
+                 embeddings=tmp_path / "emb")
     with pytest.raises(LongctxError, match="built from other embeddings"):
         Retriever(built / "flat", tmp_path / "emb", built / "docs.parquet")

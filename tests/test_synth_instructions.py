@@ -59,7 +59,8 @@ def run(tmp_path, config, reply, seed=0, docs=None, name="out", cache=None):
     docs = docs or write_topic_docs(tmp_path / "docs.parquet")
     llm = scripted_llm(reply, cache_path=cache)
     out, stats_path = tmp_path / f"{name}.parquet", tmp_path / f"{name}.json"
-    stats = generate_instructions(config, llm, seed, docs, out, stats_path)
+    stats = generate_instructions(config, llm, seed, docs=docs, instructions=out,
+                                  metrics=stats_path)
     assert json.loads(stats_path.read_text()) == stats
     return read_table(out, COLUMNS), stats, llm
 
@@ -237,7 +238,8 @@ def test_runs_on_a_real_transformers_model(tmp_path):
     docs = write_topic_docs(tmp_path / "docs.parquet")
     out, stats_path = tmp_path / "out.parquet", tmp_path / "stats.json"
     try:
-        stats = generate_instructions(config, llm, 0, docs, out, stats_path)
+        stats = generate_instructions(config, llm, 0, docs=docs, instructions=out,
+                                      metrics=stats_path)
     except LongctxError as exc:  # gibberish may yield nothing usable: then say why
         assert re.search(r"no usable instruction after 2 rounds: \d+ candidates", str(exc))
         assert all(reason in str(exc) for reason in REASONS)

@@ -51,8 +51,8 @@ def echo(message: str) -> str:
 
 
 def run(tmp: Path, llm, docs: Path, seed: int = 3, **cfg) -> tuple[dict, list[dict]]:
-    stats = long_output(LongOutputConfig(**{**SMALL, **cfg}), llm, seed, docs,
-                        tmp / "long_output.parquet", tmp / "stats.json")
+    stats = long_output(LongOutputConfig(**{**SMALL, **cfg}), llm, seed, docs=docs,
+                        long_output=tmp / "long_output.parquet", metrics=tmp / "stats.json")
     return stats, pq.read_table(tmp / "long_output.parquet").to_pylist()
 
 

@@ -45,8 +45,8 @@ def run(tmp: Path, llm, instructions: dict[str, str], summaries=None, seed: int 
         **cfg) -> tuple[dict, dict[str, dict]]:
     ipath, spath = write_inputs(tmp, instructions,
                                 one_each(instructions) if summaries is None else summaries)
-    stats = respond(RespondConfig(**cfg), llm, seed, ipath, spath, tmp / "responses.parquet",
-                    tmp / "stats.json")
+    stats = respond(RespondConfig(**cfg), llm, seed, instructions=ipath, summaries=spath,
+                    responses=tmp / "responses.parquet", metrics=tmp / "stats.json")
     rows = pq.read_table(tmp / "responses.parquet").to_pylist()
     return stats, {r["instruction_id"]: r for r in rows}
 

@@ -29,16 +29,17 @@ def built(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LONGCTX_CACHE", str(root / "cache"))
         docs = write_topic_docs(root / "docs.parquet")
-        embed_corpus(EmbedConfig(shard_size=8), docs, root / "emb")
-        build_index(IndexConfig(type="flat"), root / "emb", root / "index", seed=0)
+        embed_corpus(EmbedConfig(shard_size=8), docs=docs, embeddings=root / "emb")
+        build_index(IndexConfig(type="flat"), 0, embeddings=root / "emb", index=root / "index")
     rows = [{"id": key, "instruction": text} for key, (text, _) in ASKED.items()]
     write_table(root / "instructions.parquet", rows, INSTRUCTIONS)
     return root
 
 
 def run(built, tmp_path, **cfg):
-    stats = retrieve(RetrieveConfig(**cfg), built / "instructions.parquet", built / "index",
-                     built / "emb", tmp_path / "retrieved.parquet", tmp_path / "stats.json")
+    stats = retrieve(RetrieveConfig(**cfg), instructions=built / "instructions.parquet",
+                     index=built / "index", embeddings=built / "emb",
+                     retrieved=tmp_path / "retrieved.parquet", metrics=tmp_path / "stats.json")
     rows = read_table(tmp_path / "retrieved.parquet", ["instruction_id", "doc_ids", "scores"])
     return rows, stats
 
@@ -74,6 +75,7 @@ def test_missing_instruction_column_is_a_clear_error(built, tmp_path):
     bad = tmp_path / "bad.parquet"
     write_table(bad, [{"id": "x"}], pa.schema([("id", pa.string())]))
     with pytest.raises(LongctxError, match=r"bad\.parquet: missing column\(s\) instruction"):
-        retrieve(RetrieveConfig(), bad, built / "index", built / "emb",
-                 tmp_path / "r.parquet", tmp_path / "s.json")
+        retrieve(RetrieveConfig(), instructions=bad, index=built / "index",
+                 embeddings=built / "emb", retrieved=tmp_path / "r.parquet",
+                 metrics=tmp_path / "s.json")
     assert not (tmp_path / "r.parquet").exists()

@@ -2,16 +2,19 @@
 
 import io
 import logging
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from longctx.cli import AboveProgressBars, main
+from longctx.cli import main
 from longctx.dvc_export import export_dvc_yaml
 from longctx.errors import LongctxError
-from longctx.workflow import check_no_overrides
+from longctx.logs import AboveProgressBars
+from longctx.steps import STEPS
+from longctx.workflow import check_no_overrides, step_command
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def test_every_stage_runs_its_own_longctx_step(exported):
     for name, stage in stages.items():
         rule = name.split("-")[0]
         step = commands.get(rule, rule.replace("_", "-"))
-        assert stage["cmd"].startswith(f"longctx {step} "), name
+        assert re.match(rf"longctx --log logs/{rule}(/\S+)?\.log {step} ", stage["cmd"]), name
         assert any(dep.startswith("src/longctx/") for dep in stage["deps"]), name
     assert stages["index"]["params"] == ["index", "seed"]
     assert stages["embed"]["params"] == ["embed"]
@@ -121,3 +124,48 @@ def test_log_lines_go_above_a_progress_bar_not_into_it():
     line = next(x for x in drawn.split("\n") if "loss 2.5" in x)
     assert line.rsplit("\r", 1)[-1] == "step 1: loss 2.5"  # not after the bar's text
     assert "train stage 0:  33%" in drawn[drawn.index("loss 2.5"):]  # the bar again
+
+
+def test_a_rules_command_passes_each_path_under_its_own_name():
+    """The step table names each path once: flag, rule input/output and step keyword."""
+    assert step_command("index") == ("longctx --log {log} index --embeddings {input.embeddings} "
+                                     "--index {output.index}")
+    pack = step_command("pack", stage="{wildcards.k}").split()
+    assert pack[pack.index("--long-output") + 1] == "{input.long_output}"
+    assert pack[pack.index("--sequences") + 1] == "{output.sequences}"
+    assert "--ruler" not in step_command("eval-lmeval", name="x", omit=("ruler",))
+    with pytest.raises(LongctxError, match="gives no --stage"):
+        step_command("pack")
+    with pytest.raises(LongctxError, match="no argument bogus"):
+        step_command("index", bogus="1")
+
+
+def test_every_step_parses_the_arguments_its_table_names(tmp_path):
+    """What a rule's command passes, `longctx <step>` parses back under the same names."""
+    from longctx.cli import build_parser
+
+    for command, step in STEPS.items():
+        words = step_command(command, **{a.name: "7" for a in step.args if a.role == "option"})
+        argv = [w.replace("{log}", "x.log").replace("{", "").replace("}", "")
+                for w in words.split()[1:]]
+        args = build_parser().parse_args(argv)
+        for arg in step.args:
+            value = getattr(args, arg.name)
+            assert value not in (None, []), (command, arg.name)
+
+
+def test_a_step_writes_its_log_lines_and_its_error_to_the_log_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("embed:\n  batchsize: 3\n")
+    log = tmp_path / "logs" / "validate.log"  # its directory made, as under `dvc repro`
+    log.parent.mkdir()
+    log.write_text("an earlier run's lines\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "longctx.cli", "--log", str(log), "--params", str(bad),
+         "validate"], capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    error = f"longctx validate: error: {bad}: embed.batchsize: unknown key"
+    assert proc.stderr.strip().splitlines() == [error]  # once on screen
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"longctx: {error}"), lines

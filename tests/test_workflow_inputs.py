@@ -103,6 +103,11 @@ def stages(project) -> dict:
     return yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
 
 
+def step_of(stage: dict) -> str:
+    """`longctx --log FILE <step> ...`: the step a stage runs."""
+    return stage["cmd"].split()[3]
+
+
 def src_deps(stage: dict) -> list[str]:
     return [d for d in stage["deps"] if d.startswith("src/")]
 
@@ -112,7 +117,7 @@ def src_deps(stage: dict) -> list[str]:
 
 def test_each_rules_code_is_the_import_closure_of_its_step(stages):
     for name, stage in stages.items():
-        step = stage["cmd"].split()[1]
+        step = step_of(stage)
         assert src_deps(stage) == workflow.step_code(step), name
     assert "src/longctx/repro.py" in src_deps(stages["pack-0"])  # derive_seed's and writes
     assert "src/longctx/llm/base.py" in src_deps(stages["niah_samples"])  # derive_seed
@@ -160,7 +165,7 @@ def test_step_code_covers_every_module_a_step_loads(root, stages, tmp_path):
     params = yaml.safe_load((root / "configs/micro.yaml").read_text())
     params["base_model"]["source"] = "./no-such-model"  # base-model stops before converting
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    by_step = {stage["cmd"].split()[1]: stage for stage in stages.values()}
+    by_step = {step_of(stage): stage for stage in stages.values()}
     commands = {step: stage["cmd"].split()[1:] for step, stage in by_step.items()}
     subprocess.run([sys.executable, "-c", LOADED_BY_STEPS, json.dumps(commands), "loaded.json"],
                    cwd=tmp_path, check=True, timeout=600)
@@ -169,6 +174,17 @@ def test_step_code_covers_every_module_a_step_loads(root, stages, tmp_path):
         code = set(src_deps(by_step[step]))
         assert files, f"{step} loaded nothing: the check would hold for any code inputs"
         assert files <= code, f"{step} loads {sorted(files - code)}, not among its inputs"
+
+
+def test_training_reads_the_sequences_format_not_how_pack_makes_samples(stages):
+    """An edit to the long-sample fitter reruns pack alone; training depends on the file
+    format between them (longctx.sequences), which pack imports too."""
+    def readers(path):
+        return {name.split("-")[0] for name, stage in stages.items() if path in stage["deps"]}
+
+    assert readers("src/longctx/pack/long.py") == {"pack"}
+    assert readers("src/longctx/sequences.py") >= {"pack", "train_stage"}
+    assert not any(d.startswith("src/longctx/pack/") for d in stages["train_stage-0"]["deps"])
 
 
 def test_step_code_follows_lazy_package_and_relative_imports(tmp_path, monkeypatch):
@@ -257,7 +273,7 @@ def _downstream(stages: dict, first: set[str]) -> Counter:
 
 @pytest.mark.parametrize("edited", ["inputs/corpus/b.jsonl", "inputs/squad.json",
                                     "inputs/chats.jsonl", "src/longctx/repro.py",
-                                    "src/longctx/eval/plots.py"])
+                                    "src/longctx/eval/plots.py", "src/longctx/pack/long.py"])
 def test_an_edited_input_makes_exactly_its_readers_stale_in_both_tools(project, stages, edited):
     assert stale(project) == (Counter(), set())
     path = project / edited

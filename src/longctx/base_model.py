@@ -94,14 +94,14 @@ def _describe_source(cfg: BaseModelConfig) -> tuple[dict[str, Any], Path | None]
     return {"kind": "hub", "id": cfg.source, "revision": cfg.revision}, None
 
 
-def prepare_base_model(cfg: BaseModelConfig, out_dir: Path) -> dict[str, Any]:
-    """Write `out_dir` as a safetensors model dir with tokenizer, chat template and manifest."""
+def prepare_base_model(cfg: BaseModelConfig, *, model: Path) -> dict[str, Any]:
+    """Write `model` as a safetensors model dir with tokenizer, chat template and manifest."""
     source, gguf = _describe_source(cfg)
     if gguf is not None:
         source["sha256"] = sha256_file(gguf)
-        model, tokenizer = _load_gguf(gguf)
+        loaded, tokenizer = _load_gguf(gguf)
     else:
-        model, tokenizer = _load_pretrained(cfg)
+        loaded, tokenizer = _load_pretrained(cfg)
         if source["kind"] == "local-dir":
             source["sha256"] = sha256_dir(cfg.source)
     if getattr(tokenizer, "chat_template", None) is None:
@@ -109,8 +109,8 @@ def prepare_base_model(cfg: BaseModelConfig, out_dir: Path) -> dict[str, Any]:
 
     import torch
 
-    model = model.to(getattr(torch, cfg.dtype))
-    return write_model_dir(out_dir, model, tokenizer, cfg.dtype, {"source": source})
+    loaded = loaded.to(getattr(torch, cfg.dtype))
+    return write_model_dir(model, loaded, tokenizer, cfg.dtype, {"source": source})
 
 
 # How a tokenizer was loaded, which transformers keeps among its init kwargs and would save:

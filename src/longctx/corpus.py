@@ -390,13 +390,13 @@ def _fill(writer: pq.ParquetWriter, streams: list, count_tokens: Callable, tally
     _flush(writer, rows)
 
 
-def build_corpus(cfg: CorpusConfig, tokenizer_dir: Path, out_path: Path, stats_path: Path) -> dict:
-    """Write the document table to `out_path` and its statistics to `stats_path`; return them.
+def build_corpus(cfg: CorpusConfig, *, tokenizer: Path, docs: Path, metrics: Path) -> dict:
+    """Write the document table to `docs` and its statistics to `metrics`; return them.
     Inputs are all checked first, and a failure leaves neither file behind."""
     streams = _streams(cfg)
-    count_tokens = token_counter(tokenizer_dir)
+    count_tokens = token_counter(tokenizer)
     tally = _Tally(label for label, _ in streams)
-    with repro.atomic_path(out_path) as tmp:
+    with repro.atomic_path(docs) as tmp:
         with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
             _fill(writer, streams, count_tokens, tally, cfg)
         if not tally.lengths:
@@ -406,5 +406,5 @@ def build_corpus(cfg: CorpusConfig, tokenizer_dir: Path, out_path: Path, stats_p
                 f"lower corpus.min_tokens (now {cfg.min_tokens}) or add sources"
             )
     stats = tally.summary(cfg)
-    repro.write_json(stats_path, stats)
+    repro.write_json(metrics, stats)
     return stats

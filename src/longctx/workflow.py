@@ -41,6 +41,27 @@ def params_files(config: dict[str, Any], *names: str) -> list[str]:
     return [p.as_posix() for p in named_files(validate_params(config, "params.yaml"), *names)]
 
 
+def step_command(command: str, omit: tuple[str, ...] = (), **given: str) -> str:
+    """A rule's shell command, built from the step table (longctx.steps): each input and
+    output under the flag of the same name (`--docs {input.docs}`), the options from `given`
+    (`stage="{wildcards.k}"`), arguments in `omit` left out, and the rule's log: file."""
+    from longctx.steps import STEPS
+
+    words = ["longctx", "--log", "{log}", command]
+    for arg in STEPS[command].args:
+        if arg.name in omit:
+            continue
+        if arg.name in given:
+            words += [arg.flag, given.pop(arg.name)]
+        elif arg.role != "option":
+            words += [arg.flag, f"{{{arg.role}.{arg.name}}}"]
+        elif arg.required:
+            raise LongctxError(f"longctx {command}: the rule gives no {arg.flag}")
+    if given:
+        raise LongctxError(f"longctx {command}: no argument {', '.join(sorted(given))}")
+    return " ".join(words)
+
+
 # --------------------------------------------------------------------------- code inputs
 
 
@@ -111,7 +132,7 @@ def _parsed(path: Path) -> Parsed:
     return _parsed_once(path, path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parsed_once(path: Path, *_identity: object) -> Parsed:
     """_parsed, once per file version (every rule of the DAG shares modules)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))

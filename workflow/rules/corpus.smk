@@ -6,8 +6,10 @@ rule base_model:
         model=directory("models/base"),
     params:
         **sections(config, "base_model"),
+    log:
+        "logs/base_model.log",
     shell:
-        "longctx base-model --out {output.model}"
+        step_command("base-model")
 
 
 rule corpus:
@@ -20,5 +22,7 @@ rule corpus:
         metrics="data/corpus/stats.json",
     params:
         **sections(config, "corpus"),
+    log:
+        "logs/corpus.log",
     shell:
-        "longctx corpus --tokenizer {input.tokenizer} --out {output.docs} --stats {output.metrics}"
+        step_command("corpus")

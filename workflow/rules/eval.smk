@@ -15,8 +15,10 @@ rule niah_samples:
         samples="data/eval/niah.parquet",
     params:
         **sections(config, "niah", "seed"),
+    log:
+        "logs/niah_samples.log",
     shell:
-        "longctx niah-samples --model {input.model} --docs {input.docs} --out {output.samples}"
+        step_command("niah-samples")
 
 
 rule ruler_samples:
@@ -29,8 +31,10 @@ rule ruler_samples:
         samples="data/eval/ruler.parquet",
     params:
         **sections(config, "ruler", "seed"),
+    log:
+        "logs/ruler_samples.log",
     shell:
-        "longctx ruler-samples --model {input.model} --docs {input.docs} --out {output.samples}"
+        step_command("ruler-samples")
 
 
 def evaluated_model(wildcards):
@@ -53,9 +57,10 @@ rule eval_niah:
     threads: workflow.cores
     resources:
         gpu=1,
+    log:
+        "logs/eval_niah/{model}.log",
     shell:
-        "longctx eval-niah --name {wildcards.model} --model {input.model} "
-        "--samples {input.samples} --out {output.results} --csv {output.table}"
+        step_command("eval-niah", name="{wildcards.model}")
 
 
 rule eval_ruler:
@@ -74,9 +79,10 @@ rule eval_ruler:
     threads: workflow.cores
     resources:
         gpu=1,
+    log:
+        "logs/eval_ruler/{model}.log",
     shell:
-        "longctx eval-ruler --name {wildcards.model} --model {input.model} "
-        "--samples {input.samples} --out {output.results} --csv {output.table}"
+        step_command("eval-ruler", name="{wildcards.model}")
 
 
 LMEVAL_RULER = (
@@ -101,11 +107,11 @@ rule eval_lmeval:
     threads: workflow.cores
     resources:
         gpu=1,
+    log:
+        "logs/eval_lmeval/{model}.log",
     shell:
-        "longctx eval-lmeval --name {wildcards.model} --model {input.model} "
-        "--docs {input.docs} "
-        + ("--ruler {input.ruler} " if LMEVAL_RULER else "")
-        + "--out {output.results}"
+        step_command("eval-lmeval", name="{wildcards.model}",
+                     omit=() if LMEVAL_RULER else ("ruler",))
 
 
 rule report:
@@ -121,9 +127,8 @@ rule report:
         curves="results/eval/ruler_curve.tsv",
         plots=directory("results/plots"),
         report="results/report.html",
+    log:
+        "logs/report.log",
     shell:
-        "longctx report --models " + " ".join(EVAL_MODELS) + " --niah {input.niah} "
-        "--ruler {input.ruler} " + ("--lmeval {input.lmeval} " if LMEVAL_MODELS else "")
-        + "--train {input.train} "
-        "--train-plots {input.train_plots} --metrics {output.metrics} "
-        "--curves {output.curves} --plots {output.plots} --report {output.report}"
+        step_command("report", models=" ".join(EVAL_MODELS),
+                     omit=() if LMEVAL_MODELS else ("lmeval",))

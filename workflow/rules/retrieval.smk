@@ -7,8 +7,10 @@ rule embed:
         embeddings=directory("data/embeddings"),
     params:
         **sections(config, "embed"),
+    log:
+        "logs/embed.log",
     shell:
-        "longctx embed --docs {input.docs} --out {output.embeddings}"
+        step_command("embed")
 
 
 rule index:
@@ -20,5 +22,7 @@ rule index:
         index=directory("data/index"),
     params:
         **sections(config, "index", "seed"),
+    log:
+        "logs/index.log",
     shell:
-        "longctx index --embeddings {input.embeddings} --out {output.index}"
+        step_command("index")

@@ -12,9 +12,10 @@ rule instructions:
     params:
         **sections(config, "instructions", "llm", "seed"),
     threads: workflow.cores
+    log:
+        "logs/instructions.log",
     shell:
-        "longctx instructions --docs {input.docs} --model {input.model} "
-        "--out {output.instructions} --stats {output.metrics}"
+        step_command("instructions")
 
 
 rule retrieve:
@@ -29,9 +30,10 @@ rule retrieve:
         metrics="data/synth/retrieved.json",
     params:
         **sections(config, "retrieve"),
+    log:
+        "logs/retrieve.log",
     shell:
-        "longctx retrieve --instructions {input.instructions} --index {input.index} "
-        "--embeddings {input.embeddings} --out {output.retrieved} --stats {output.metrics}"
+        step_command("retrieve")
 
 
 rule summarize:
@@ -48,10 +50,10 @@ rule summarize:
     params:
         **sections(config, "summarize", "llm", "seed"),
     threads: workflow.cores
+    log:
+        "logs/summarize.log",
     shell:
-        "longctx summarize --instructions {input.instructions} --retrieved {input.retrieved} "
-        "--docs {input.docs} --model {input.model} --out {output.summaries} "
-        "--stats {output.metrics}"
+        step_command("summarize")
 
 
 rule respond:
@@ -67,9 +69,10 @@ rule respond:
     params:
         **sections(config, "respond", "llm", "seed"),
     threads: workflow.cores
+    log:
+        "logs/respond.log",
     shell:
-        "longctx respond --instructions {input.instructions} --summaries {input.summaries} "
-        "--model {input.model} --out {output.responses} --stats {output.metrics}"
+        step_command("respond")
 
 
 rule long_output:
@@ -84,6 +87,7 @@ rule long_output:
     params:
         **sections(config, "long_output", "llm", "seed"),
     threads: workflow.cores
+    log:
+        "logs/long_output.log",
     shell:
-        "longctx long-output --docs {input.docs} --model {input.model} "
-        "--out {output.long_output} --stats {output.metrics}"
+        step_command("long-output")

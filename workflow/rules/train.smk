@@ -29,12 +29,10 @@ rule pack:
         **sections(config, "pack", "stages", "seed"),
     wildcard_constraints:
         k=r"\d+",
+    log:
+        "logs/pack/stage-{k}.log",
     shell:
-        "longctx pack --stage {wildcards.k} --model {input.model} --docs {input.docs} "
-        "--instructions {input.instructions} --retrieved {input.retrieved} "
-        "--summaries {input.summaries} --responses {input.responses} "
-        "--long-output {input.long_output} --index {input.index} "
-        "--embeddings {input.embeddings} --out {output.sequences} --stats {output.metrics}"
+        step_command("pack", stage="{wildcards.k}")
 
 
 rule train_stage:
@@ -55,7 +53,9 @@ rule train_stage:
     threads: workflow.cores
     resources:
         gpu=1,  # a cluster executor (workflow/profiles/slurm) asks for one GPU per job
+    log:
+        "logs/train_stage/stage-{k}.log",
     shell:
-        "longctx train --stage {wildcards.k} --base {input.base} --init {input.init} "
-        "--sequences {input.sequences} --out {output.model} "
-        "--live results/train/stage-{wildcards.k} --checkpoints checkpoints/stage-{wildcards.k}"
+        step_command("train", stage="{wildcards.k}",
+                     live="results/train/stage-{wildcards.k}",
+                     checkpoints="checkpoints/stage-{wildcards.k}")

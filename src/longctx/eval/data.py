@@ -57,50 +57,52 @@ def _context(model_dir: Path, docs: Path, seed: int, extra: dict[str, Any]) -> d
             "docs": sha256_file(docs), "seed": seed, **extra}
 
 
-def build_niah(cfg: NiahConfig, seed: int, model_dir: Path, docs: Path, out: Path,
+def build_niah(cfg: NiahConfig, seed: int, *, model: Path, docs: Path, samples: Path,
                cache_dir: Path | None = None) -> dict[str, Any]:
-    """The NIAH grid (lengths x depths x trials) -> `out`; returns counts for the log."""
+    """The NIAH grid (lengths x depths x trials), in `model`'s tokenizer from the texts of
+    `docs` -> `samples`; returns counts for the log."""
     from longctx.eval.niah import niah_grid
     from longctx.eval.ruler.sources import TextSources
 
     cache_dir = cache_dir or cache_root() / "eval"
-    measure = ChatMeasure(model_dir)
+    measure = ChatMeasure(model)
     sources = _lazy(lambda: TextSources.from_corpus(docs))
-    context = _context(model_dir, docs, seed, {"depths": cfg.depths, "trials": cfg.trials,
-                                               "max_new_tokens": cfg.max_new_tokens})
-    samples: list[EvalSample] = []
+    context = _context(model, docs, seed, {"depths": cfg.depths, "trials": cfg.trials,
+                                           "max_new_tokens": cfg.max_new_tokens})
+    generated: list[EvalSample] = []
     for length in cfg.lengths:
-        samples += _cached(
+        generated += _cached(
             cache_dir, context | {"task": "niah", "length": length},
             lambda length=length: niah_grid([length], cfg.depths, cfg.trials, seed, measure,
                                             sources(), max_new_tokens=cfg.max_new_tokens),
             f"niah@{length}")
-    write_samples(out, samples)
-    return {"samples": len(samples), "lengths": len(cfg.lengths)}
+    write_samples(samples, generated)
+    return {"samples": len(generated), "lengths": len(cfg.lengths)}
 
 
-def build_ruler(cfg: RulerConfig, seed: int, model_dir: Path, docs: Path, out: Path,
+def build_ruler(cfg: RulerConfig, seed: int, *, model: Path, docs: Path, samples: Path,
                 cache_dir: Path | None = None) -> dict[str, Any]:
-    """Every (task, length) of the RULER params -> `out`; returns counts for the log."""
+    """Every (task, length) of the RULER params, in `model`'s tokenizer from the texts of
+    `docs` -> `samples`; returns counts for the log."""
     from longctx.eval import ruler
     from longctx.eval.ruler.sources import TextSources
 
     cache_dir = cache_dir or cache_root() / "eval"
-    measure = ChatMeasure(model_dir)
+    measure = ChatMeasure(model)
     sources = _lazy(lambda: TextSources.from_corpus(docs, cfg.squad_path, cfg.hotpotqa_path))
     qa_files = {name: sha256_file(path) for name, path in
                 (("squad", cfg.squad_path), ("hotpotqa", cfg.hotpotqa_path)) if path}
-    context = _context(model_dir, docs, seed, {"samples": cfg.samples, "qa_files": qa_files})
-    samples: list[EvalSample] = []
+    context = _context(model, docs, seed, {"samples": cfg.samples, "qa_files": qa_files})
+    generated: list[EvalSample] = []
     for task in cfg.tasks:
         for length in cfg.lengths:
-            samples += _cached(
+            generated += _cached(
                 cache_dir, context | {"task": task, "length": length},
                 lambda task=task, length=length: ruler.generate(
                     task, length, cfg.samples, seed, measure, sources()),
                 f"{task}@{length}")
-    write_samples(out, samples)
-    return {"samples": len(samples), "tasks": len(cfg.tasks), "lengths": len(cfg.lengths)}
+    write_samples(samples, generated)
+    return {"samples": len(generated), "tasks": len(cfg.tasks), "lengths": len(cfg.lengths)}
 
 
 def _lazy(make: Callable[[], Any]) -> Callable[[], Any]:

@@ -359,10 +359,11 @@ def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, batch_size:
                        "lm_eval": lm_eval.__version__, **filled}}
 
 
-def evaluate_lmeval(name: str, model_dir: Path, docs: Path, ruler_samples: Path | None,
-                    cfg: LmevalConfig, eval_cfg: EvalConfig, seed: int, out: Path) -> dict:
-    """The `eval_lmeval` step for one model: build the shipped tasks' data (the cloze from
-    the corpus, the RULER samples as records), run lm-eval, write {"model", "scores", ...}."""
+def evaluate_lmeval(cfg: LmevalConfig, eval_cfg: EvalConfig, seed: int, *, name: str,
+                    model: Path, docs: Path, results: Path, ruler: Path | None = None) -> dict:
+    """The `eval_lmeval` step for the model dir `model`: build the shipped tasks' data (the
+    cloze from the corpus `docs`, the RULER samples `ruler` as records), run lm-eval, write
+    {"model": name, "scores", ...} to `results`."""
     from longctx.eval.samples import read_samples
     from longctx.hub import resolve_device
     from longctx.llm.hf import resolve_dtype
@@ -370,18 +371,18 @@ def evaluate_lmeval(name: str, model_dir: Path, docs: Path, ruler_samples: Path 
     device = resolve_device(eval_cfg.device)
     cloze = build_cloze(read_docs(docs), cfg.cloze_samples, seed) \
         if "longctx_cloze" in cfg.tasks else None
-    ruler = None
+    ruler_samples = None
     if "longctx_ruler" in cfg.tasks:
-        if ruler_samples is None:
+        if ruler is None:
             raise LongctxError("lmeval.tasks lists longctx_ruler: give the RULER samples")
-        ruler = read_samples(ruler_samples)
-    max_length = max((s.length for s in ruler), default=None) if ruler else None
+        ruler_samples = read_samples(ruler)
+    max_length = max((s.length for s in ruler_samples), default=None) if ruler_samples else None
     with tempfile.TemporaryDirectory(prefix="longctx-lmeval-data-") as tmp:
-        write_task_data(Path(tmp), cloze, ruler)
-        result = run_lmeval(model_dir, cfg.tasks, Path(tmp), batch_size=cfg.batch_size,
+        write_task_data(Path(tmp), cloze, ruler_samples)
+        result = run_lmeval(model, cfg.tasks, Path(tmp), batch_size=cfg.batch_size,
                             device=device, dtype=resolve_dtype(eval_cfg.dtype, device),
                             limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=seed,
                             max_length=max_length)
     result = {"model": name, **result}
-    write_json(out, result)
+    write_json(results, result)
     return result

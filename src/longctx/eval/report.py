@@ -243,10 +243,11 @@ def write_report(
     write_text(out_html, "\n".join(parts) + "\n")
 
 
-def build_report(models: list[str], niah: list[Path], ruler: list[Path], lmeval: list[Path],
-                 train: list[Path], train_plots: list[Path], out_metrics: Path,
-                 out_curves: Path, out_plots: Path, out_report: Path) -> dict[str, Any]:
-    """The `report` step: metrics.json, the curve table, every figure and the HTML page.
+def build_report(*, models: list[str], niah: list[Path], ruler: list[Path], lmeval: list[Path],
+                 train: list[Path], train_plots: list[Path], metrics: Path, curves: Path,
+                 plots: Path, report: Path) -> dict[str, Any]:
+    """The `report` step: writes `metrics` (metrics.json), the curve table `curves`, every
+    figure into the dir `plots` and the HTML page `report`; returns the metrics.
 
     The per-kind lists are parallel to `models` (one results file per model, in order);
     `train`/`train_plots` hold each stage's metrics.json and dvclive plots dir, in order.
@@ -259,24 +260,24 @@ def build_report(models: list[str], niah: list[Path], ruler: list[Path], lmeval:
     files = {m: {"niah": n, "ruler": r} for m, n, r in zip(models, niah, ruler)}
     for m, lm in zip(models, lmeval):
         files[m]["lmeval"] = lm
-    metrics = gather_metrics(files)
+    gathered = gather_metrics(files)
     if len(train) != len(train_plots):
         raise LongctxError(f"report: {len(train)} stage metrics for {len(train_plots)} plots")
     stages = [p.parent.name for p in train]  # results/train/stage-<k>/metrics.json
     images: dict[str, Path] = {}
-    with atomic_path(out_plots) as tmp:
+    with atomic_path(plots) as tmp:
         tmp.mkdir()
         for name, path in zip(models, niah):
             png = tmp / f"niah-{name}.png"
             niah_heatmap(read_json(path), png, f"NIAH: {name}")
-            images[f"Needle in a haystack: {name}"] = out_plots / png.name
-        ruler_curves(metrics, tmp / "ruler.png")
-        images["RULER average vs length"] = out_plots / "ruler.png"
+            images[f"Needle in a haystack: {name}"] = plots / png.name
+        ruler_curves(gathered, tmp / "ruler.png")
+        images["RULER average vs length"] = plots / "ruler.png"
         if stages:  # dvclive's layout inside each stage's plots dir
             loss_curves({name: d / "metrics" / "train" / "loss.tsv"
                          for name, d in zip(stages, train_plots)}, tmp / "loss.png")
-            images["Training loss"] = out_plots / "loss.png"
-    write_json(out_metrics, metrics)
-    write_text(out_curves, curve_table(metrics))
-    write_report(out_report, metrics, images, dict(zip(stages, train)))
-    return metrics
+            images["Training loss"] = plots / "loss.png"
+    write_json(metrics, gathered)
+    write_text(curves, curve_table(gathered))
+    write_report(report, gathered, images, dict(zip(stages, train)))
+    return gathered

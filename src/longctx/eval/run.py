@@ -83,28 +83,29 @@ def scores(kind: str, samples: list[EvalSample], points: list[float]) -> dict[st
     return dict(sorted(out.items()))
 
 
-def evaluate(kind: str, model_name: str, model_dir: Path, samples_path: Path, cfg: EvalConfig,
-             out_json: Path, out_csv: Path | None = None,
+def evaluate(kind: str, cfg: EvalConfig, *, name: str, model: Path, samples: Path,
+             results: Path, table: Path | None = None,
              cache_path: Path | None = None) -> dict[str, Any]:
-    """Answer, score and write one model's results (json with every row; optional csv)."""
+    """Answer and score `samples` with the model dir `model`; write its results as model `name`
+    to `results` (json with every row) and, if given, `table` (csv)."""
     if kind not in ("niah", "ruler"):
         raise ValueError(f"unknown evaluation kind {kind!r}")
-    samples = read_samples(samples_path)
-    if not samples:
-        raise LongctxError(f"{samples_path}: no samples")
-    predictions = answer(model_dir, samples, cfg, cache_path, desc=f"{kind} {model_name}")
-    points = [score(s, p) for s, p in zip(samples, predictions)]
+    loaded = read_samples(samples)
+    if not loaded:
+        raise LongctxError(f"{samples}: no samples")
+    predictions = answer(model, loaded, cfg, cache_path, desc=f"{kind} {name}")
+    points = [score(s, p) for s, p in zip(loaded, predictions)]
     rows = []
-    for s, p, pt in zip(samples, predictions, points):
+    for s, p, pt in zip(loaded, predictions, points):
         row = {"task": s.task, "length": s.length, "index": s.index, "score": pt,
                "prediction": p, "references": list(s.references)}
         if s.depth is not None:
             row["depth"] = s.depth
         rows.append(row)
-    result = {"model": model_name, "scores": scores(kind, samples, points), "rows": rows}
-    write_json(out_json, result)
-    if out_csv is not None:
-        write_text(out_csv, _csv(model_name, rows))
+    result = {"model": name, "scores": scores(kind, loaded, points), "rows": rows}
+    write_json(results, result)
+    if table is not None:
+        write_text(table, _csv(name, rows))
     return result
 
 

@@ -340,34 +340,67 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def embed_corpus(cfg: EmbedConfig, docs_path: Path, out_dir: Path) -> dict:
-    """Embed every document of `docs_path` into `out_dir`; returns the manifest written."""
-    docs_path, out_dir = Path(docs_path), Path(out_dir)
-    pf = check_docs(docs_path)
-    n_docs_total = pf.metadata.num_rows
+def embed_corpus(cfg: EmbedConfig, *, docs: Path, embeddings: Path) -> dict:
+    """Embed every document of `docs` into `embeddings`; returns the manifest written."""
+    docs, embeddings = Path(docs), Path(embeddings)
+    pf = check_docs(docs)
     _, identity = resolve_model(cfg.model)
     device = resolve_device(cfg.device)
     model = load_embedder(cfg.model, device, cfg.trust_remote_code)
     layout = plan_layout(cfg, model)
-    corpus_sha = sha256_file(docs_path)
+    corpus_sha = sha256_file(docs)
     key = cache_key(identity, cfg, layout, device, corpus_sha)
     cache = cache_root() / "embed" / key
     cache.mkdir(parents=True, exist_ok=True)
-    log.info("embedding %d documents (%s, cache %s)", n_docs_total, layout.mode, cache)
+    log.info("embedding %d documents (%s, cache %s)", pf.metadata.num_rows, layout.mode, cache)
+    meta, shards, docs_done = _encode_shards(cfg, pf, model, layout, cache)
+    with atomic_path(embeddings) as tmp:
+        tmp.mkdir()
+        for i, (path, _) in enumerate(shards):
+            _link_or_copy(path, tmp / shard_name(i))
+        rows = pa.table({
+            "row": pa.array(np.arange(len(meta["doc_id"]), dtype=np.int64)),
+            "doc_id": pa.array(meta["doc_id"], pa.string()),
+            "passage": pa.array(meta["passage"], pa.int32()),
+            "token_start": pa.array(meta["token_start"], pa.int32()),
+            "n_tokens": pa.array(meta["n_tokens"], pa.int32()),
+        })
+        pq.write_table(rows, tmp / ROWS_FILE)
+        manifest = {
+            "format": FORMAT, "model": identity, "trust_remote_code": cfg.trust_remote_code,
+            "device": device, "dim": embedding_dim(model), "dtype": "float16",
+            "normalized": True, "documents": docs_done, "rows": rows.num_rows,
+            "text": {"mode": layout.mode, "max_tokens": layout.budget, "window": layout.window,
+                     "stride": layout.stride, "max_passages": layout.max_passages,
+                     "title_in_text": layout.title_in_text},
+            "passage_prefix": cfg.passage_prefix, "query_prefix": cfg.query_prefix,
+            "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
+            "shards": [{"file": shard_name(i), "rows": n,
+                        "sha256": sha256_file(tmp / shard_name(i))}
+                       for i, (_, n) in enumerate(shards)],
+            "rows_file": {"file": ROWS_FILE, "sha256": sha256_file(tmp / ROWS_FILE)},
+            "corpus": {"file": str(docs), "sha256": corpus_sha},
+            "cache_key": key,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
 
-    meta = {"doc_id": [], "passage": [], "token_start": [], "n_tokens": []}
+
+def _encode_shards(cfg: EmbedConfig, pf: Any, model: Any, layout: Any, cache: Path
+                   ) -> tuple[dict[str, list], list[tuple[Path, int]], int]:
+    """Every shard of `cfg.shard_size` rows encoded into `cache` (shards already there are
+    kept: a killed run resumes); returns the rows' metadata, the (shard, rows) list and the
+    number of documents."""
+    meta: dict[str, list] = {"doc_id": [], "passage": [], "token_start": [], "n_tokens": []}
     shards: list[tuple[Path, int]] = []
     encoded = docs_done = 0
     t0 = time.perf_counter()
     # one text per document in first_tokens mode; passages are counted as they come
-    bar = tqdm(total=n_docs_total if layout.max_passages == 1 else None, unit="text",
+    bar = tqdm(total=pf.metadata.num_rows if layout.max_passages == 1 else None, unit="text",
                desc="embed", disable=None)
     for i, chunk in enumerate(_chunks(iter_rows(pf, model.tokenizer, layout), cfg.shard_size)):
-        for r in chunk:
-            meta["doc_id"].append(r.doc_id)
-            meta["passage"].append(r.passage)
-            meta["token_start"].append(r.token_start)
-            meta["n_tokens"].append(r.n_tokens)
+        for name in meta:
+            meta[name] += [getattr(r, name) for r in chunk]
         path = cache / shard_name(i)
         if not _cached_shard(path, len(chunk)):
             vectors = encode(
@@ -388,51 +421,4 @@ def embed_corpus(cfg: EmbedConfig, docs_path: Path, out_dir: Path) -> dict:
         "%.1f docs/s", docs_done, len(meta["doc_id"]), encoded, len(shards), seconds,
         docs_done / max(seconds, 1e-9),
     )
-
-    dim = embedding_dim(model)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        for i, (path, _) in enumerate(shards):
-            _link_or_copy(path, tmp / shard_name(i))
-        rows = pa.table(
-            {
-                "row": pa.array(np.arange(len(meta["doc_id"]), dtype=np.int64)),
-                "doc_id": pa.array(meta["doc_id"], pa.string()),
-                "passage": pa.array(meta["passage"], pa.int32()),
-                "token_start": pa.array(meta["token_start"], pa.int32()),
-                "n_tokens": pa.array(meta["n_tokens"], pa.int32()),
-            }
-        )
-        pq.write_table(rows, tmp / ROWS_FILE)
-        manifest = {
-            "format": FORMAT,
-            "model": identity,
-            "trust_remote_code": cfg.trust_remote_code,
-            "device": device,
-            "dim": dim,
-            "dtype": "float16",
-            "normalized": True,
-            "documents": docs_done,
-            "rows": rows.num_rows,
-            "text": {
-                "mode": layout.mode,
-                "max_tokens": layout.budget,
-                "window": layout.window,
-                "stride": layout.stride,
-                "max_passages": layout.max_passages,
-                "title_in_text": layout.title_in_text,
-            },
-            "passage_prefix": cfg.passage_prefix,
-            "query_prefix": cfg.query_prefix,
-            "batch_size": cfg.batch_size,
-            "shard_size": cfg.shard_size,
-            "shards": [
-                {"file": shard_name(i), "rows": n, "sha256": sha256_file(tmp / shard_name(i))}
-                for i, (_, n) in enumerate(shards)
-            ],
-            "rows_file": {"file": ROWS_FILE, "sha256": sha256_file(tmp / ROWS_FILE)},
-            "corpus": {"file": str(docs_path), "sha256": corpus_sha},
-            "cache_key": key,
-        }
-        write_json(tmp / MANIFEST, manifest)
-    return manifest
+    return meta, shards, docs_done

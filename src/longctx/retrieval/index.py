@@ -224,37 +224,37 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 # --------------------------------------------------------------------------- the step
 
 
-def build_index(cfg: IndexConfig, embeddings_dir: Path, out_dir: Path, seed: int) -> dict:
-    """Build `out_dir/docs.faiss` + `manifest.json` from an embeddings dir; returns the manifest.
+def build_index(cfg: IndexConfig, seed: int, *, embeddings: Path, index: Path) -> dict:
+    """Build `index/docs.faiss` + `manifest.json` from the `embeddings` dir; returns the manifest.
 
     Faiss ids are embedding rows (rows.parquet maps them to documents).
     """
-    emb = read_embeddings(embeddings_dir)
+    emb = read_embeddings(embeddings)
     n, dim = emb.n, emb.dim
     train_rows = sample_rows(n, cfg.train_size, seed)
     check_capacity(cfg, n, len(train_rows), dim)
 
     t0 = time.perf_counter()
     with omp_threads(cfg.build_threads):
-        index = new_index(cfg, dim, seed)
-        if not index.is_trained:
+        faiss_index = new_index(cfg, dim, seed)
+        if not faiss_index.is_trained:
             log.info("training %s on %d vectors", cfg.type, len(train_rows))
-            index.train(emb.take(train_rows))
+            faiss_index.train(emb.take(train_rows))
         for _, vectors in emb.iter_shards():
-            index.add(vectors)
+            faiss_index.add(vectors)
     build_seconds = time.perf_counter() - t0
 
     k = min(cfg.recall_k, n)
     queries = emb.take(sample_rows(n, cfg.recall_sample, seed + 1))
     _, truth = exact_topk(queries, emb.iter_shards(), k)
-    _, found = index.search(queries, k)
+    _, found = faiss_index.search(queries, k)
     recall = recall_at_k(found, truth)
     log.info("%s: %d vectors, built in %.1fs, recall@%d = %.4f", cfg.type, n, build_seconds,
              k, recall)
 
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(index) as tmp:
         tmp.mkdir()
-        faiss.write_index(index, str(tmp / INDEX_FILE))
+        faiss.write_index(faiss_index, str(tmp / INDEX_FILE))
         manifest = {
             "format": FORMAT,
             "type": cfg.type,
@@ -262,7 +262,7 @@ def build_index(cfg: IndexConfig, embeddings_dir: Path, out_dir: Path, seed: int
             "params": build_params(cfg),
             "search_params": search_params(cfg),
             "dim": dim,
-            "ntotal": int(index.ntotal),
+            "ntotal": int(faiss_index.ntotal),
             "seed": seed,
             "train_vectors": len(train_rows) if cfg.type in ("ivf_flat", "ivf_pq") else 0,
             "build_threads": cfg.build_threads,
@@ -271,7 +271,7 @@ def build_index(cfg: IndexConfig, embeddings_dir: Path, out_dir: Path, seed: int
             "recall": recall,
             "index_sha256": sha256_file(tmp / INDEX_FILE),
             "embeddings": {
-                "dir": str(embeddings_dir),
+                "dir": str(embeddings),
                 "manifest_sha256": sha256_file(emb.root / MANIFEST),
             },
             "faiss_version": faiss.__version__,

@@ -205,12 +205,13 @@ def _round(r: int, cfg: InstructionsConfig, llm: LLM, seed: int, docs_path: str 
     return cands, [o.finish_reason for o in outs], unparseable
 
 
-def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, docs_path: str | Path,
-                          out_path: str | Path, stats_path: str | Path) -> dict:
-    """Write `count` instructions (fewer, with a warning, if rounds run out) and their stats."""
-    ids = sorted(row["id"] for row in read_table(docs_path, ["id"]))
+def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, *, docs: str | Path,
+                          instructions: str | Path, metrics: str | Path) -> dict:
+    """Write `count` instructions seeded from `docs` to `instructions` (fewer, with a warning,
+    if rounds run out) and their stats to `metrics`."""
+    ids = sorted(row["id"] for row in read_table(docs, ["id"]))
     if not ids:
-        raise LongctxError(f"{docs_path}: no document to draw seed chunks from")
+        raise LongctxError(f"{docs}: no document to draw seed chunks from")
     dedup = Deduper(cfg.dedup_model, cfg.dedup_similarity)
     kept: list[Candidate] = []
     cands: list[Candidate] = []
@@ -218,7 +219,7 @@ def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, docs_pat
     unparseable = rounds = 0
     while rounds < cfg.max_rounds and len(kept) < cfg.count:
         n_prompts = max(1, -(-3 * (cfg.count - len(kept)) // (2 * cfg.per_prompt)))
-        new, reasons, bad = _round(rounds, cfg, llm, seed, docs_path, ids, n_prompts)
+        new, reasons, bad = _round(rounds, cfg, llm, seed, docs, ids, n_prompts)
         _filter_round(new, cfg, dedup, kept)
         cands += new
         finish += reasons
@@ -232,7 +233,7 @@ def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, docs_pat
     if len(kept) < cfg.count:
         log.warning("instructions: kept %d of the %d asked for after %d rounds (dropped %s)",
                     len(kept), cfg.count, rounds, dropped)
-    write_table(out_path, [{"id": instruction_id(c.text), "instruction": c.text,
+    write_table(instructions, [{"id": instruction_id(c.text), "instruction": c.text,
                             "task_type": c.task_type, "seed_doc_id": c.doc_id,
                             "seed_chunk": c.chunk, "round": c.round, "prompt": c.prompt}
                            for c in kept], SCHEMA)
@@ -247,7 +248,7 @@ def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, docs_pat
         "template": VERSIONS["instructions"], "model": repro.fingerprint(llm.identity),
         "dedup_model": cfg.dedup_model, "dedup_similarity": cfg.dedup_similarity,
     }
-    repro.write_json(stats_path, stats)
+    repro.write_json(metrics, stats)
     log.info("instructions: kept %d of %d candidates from %d prompts in %d rounds", len(kept),
              len(cands), len(finish), rounds)
     return stats

@@ -23,8 +23,7 @@ from longctx.llm import LLM
 from longctx.llm.base import derive_seed
 from longctx.synth import prompts
 from longctx.synth.quality import REFERS_TO_PROMPT_TEXT, is_repetitive
-from longctx.synth.tables import (count_reasons, mean_max, read_documents, read_table,
-                                   write_table)
+from longctx.synth.tables import count_reasons, mean_max, read_documents, read_table, write_table
 from longctx.tokens import split_chunks
 
 log = logging.getLogger(__name__)
@@ -151,20 +150,21 @@ def sample_id(doc_id: str, instruction: str) -> str:
     return hashlib.sha256(f"{doc_id}\n{instruction}".encode()).hexdigest()[:16]
 
 
-def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, docs_path: str | Path,
-                out_path: str | Path, stats_path: str | Path) -> dict:
-    """Back-translate a writing instruction for every candidate document in ONE batched call,
-    write one row per candidate and the stats; returns the stats."""
+def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, docs: str | Path,
+                long_output: str | Path, metrics: str | Path) -> dict:
+    """Back-translate a writing instruction for every candidate document of `docs` in ONE
+    batched call, write one row per candidate to `long_output` and the stats to `metrics`;
+    returns the stats."""
     check_window(cfg, llm)
-    lengths = read_table(docs_path, ["id", "n_tokens"])
-    eligible, candidates = pick_candidates(lengths, cfg, seed, Path(docs_path))
+    lengths = read_table(docs, ["id", "n_tokens"])
+    eligible, candidates = pick_candidates(lengths, cfg, seed, Path(docs))
     if not candidates:
         log.warning("long_output: no document has %d-%d tokens; writing an empty table",
                     cfg.min_tokens, cfg.max_tokens)
-    docs = read_documents(docs_path, candidates) if candidates else {}
+    documents = read_documents(docs, candidates) if candidates else {}
     sampling = cfg.sampling(derive_seed(seed, "long_output"))
-    chats = [prompts.backtranslate_prompt(excerpt(docs[i]["text"], cfg.excerpt_tokens, llm),
-                                          approx_words(docs[i]["text"])) for i in candidates]
+    chats = [prompts.backtranslate_prompt(excerpt(documents[i]["text"], cfg.excerpt_tokens, llm),
+                                          approx_words(documents[i]["text"])) for i in candidates]
     answers = llm.chat(chats, sampling, prompts.VERSIONS["backtranslate"], desc="long_output")
 
     rows = []
@@ -173,11 +173,11 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, docs_path: str | Pat
         reason = reject_reason(instruction, answer.finish_reason, at_end,
                                cfg.max_repeated_fraction)
         rows.append({"id": sample_id(doc_id, instruction), "doc_id": doc_id,
-                     "instruction": instruction, "target": docs[doc_id]["text"],
-                     "target_tokens": docs[doc_id]["n_tokens"],
+                     "instruction": instruction, "target": documents[doc_id]["text"],
+                     "target_tokens": documents[doc_id]["n_tokens"],
                      "finish_reason": answer.finish_reason, "kept": reason is None,
                      "reason": reason})
-    write_table(out_path, rows, LONG_OUTPUT_SCHEMA)
+    write_table(long_output, rows, LONG_OUTPUT_SCHEMA)
 
     kept = [r["target_tokens"] for r in rows if r["kept"]]
     stats = {
@@ -193,7 +193,7 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, docs_path: str | Pat
         "template": prompts.VERSIONS["backtranslate"],
         "model": repro.fingerprint(llm.identity),
     }
-    repro.write_json(stats_path, stats)
+    repro.write_json(metrics, stats)
     log.info("long_output: %d of %d candidates kept (%d eligible of %d documents)",
              stats["kept"], stats["candidates"], stats["eligible"], stats["documents"])
     return stats

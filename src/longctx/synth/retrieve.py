@@ -30,24 +30,25 @@ SCHEMA = pa.schema([
 ])
 
 
-def retrieve(cfg: RetrieveConfig, instructions_path: str | Path, index_dir: str | Path,
-             embeddings_dir: str | Path, out_path: str | Path, stats_path: str | Path) -> dict:
-    """Write retrieved.parquet (one row per instruction, best hit first) and its stats."""
-    instructions = read_table(instructions_path, ["id", "instruction"])
-    retriever = Retriever(index_dir, embeddings_dir, device=cfg.device, batch_size=cfg.batch_size)
+def retrieve(cfg: RetrieveConfig, *, instructions: str | Path, index: str | Path,
+             embeddings: str | Path, retrieved: str | Path, metrics: str | Path) -> dict:
+    """Search `index` (over `embeddings`) for every instruction of `instructions`; write
+    `retrieved` (one row per instruction, best hit first) and its stats to `metrics`."""
+    queries = read_table(instructions, ["id", "instruction"])
+    retriever = Retriever(index, embeddings, device=cfg.device, batch_size=cfg.batch_size)
     t0 = time.perf_counter()
-    hits = retriever.search([row["instruction"] for row in instructions], cfg.top_k)
+    hits = retriever.search([row["instruction"] for row in queries], cfg.top_k)
     seconds = time.perf_counter() - t0
-    log.info("retrieve: %d queries in %.1fs (%.1f queries/s)", len(instructions), seconds,
-             len(instructions) / max(seconds, 1e-9))
+    log.info("retrieve: %d queries in %.1fs (%.1f queries/s)", len(queries), seconds,
+             len(queries) / max(seconds, 1e-9))
 
     rows, below = [], 0
-    for row, found in zip(instructions, hits):
+    for row, found in zip(queries, hits):
         kept = [h for h in found if cfg.min_score is None or h.score >= cfg.min_score]
         below += len(found) - len(kept)
         rows.append({"instruction_id": row["id"], "doc_ids": [h.doc_id for h in kept],
                      "scores": [h.score for h in kept]})
-    write_table(out_path, rows, SCHEMA)
+    write_table(retrieved, rows, SCHEMA)
 
     counts = np.array([len(r["doc_ids"]) for r in rows])
     scores = np.array([s for r in rows for s in r["scores"]], dtype=np.float32)
@@ -63,7 +64,7 @@ def retrieve(cfg: RetrieveConfig, instructions_path: str | Path, index_dir: str 
         "score": _summary(scores),
         "top1_score": _summary(np.array([r["scores"][0] for r in rows if r["scores"]])),
     }
-    repro.write_json(stats_path, stats)
+    repro.write_json(metrics, stats)
     return stats
 
 
