@@ -48,18 +48,24 @@ class Tokenized:
 
 
 def write_sequences(path: str | Path, rows: Iterable[tuple[str, list[Tokenized]]]) -> None:
-    """sequences.parquet atomically from (kind, samples) rows, in order."""
-    with repro.atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
-            group: list[tuple[str, list[Tokenized]]] = []
-            start = 0
-            for row in rows:
-                group.append(row)
-                if len(group) == ROW_GROUP:
-                    writer.write_table(_batch(group, start), row_group_size=ROW_GROUP)
-                    start, group = start + len(group), []
-            if group:
-                writer.write_table(_batch(group, start), row_group_size=ROW_GROUP)
+    """sequences.parquet atomically from (kind, samples) rows, in order, as they come."""
+    with repro.atomic_path(path) as tmp, \
+            pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+        start = 0
+        for group in _groups(rows, ROW_GROUP):
+            writer.write_table(_batch(group, start), row_group_size=ROW_GROUP)
+            start += len(group)
+
+
+def _groups(rows: Iterable, size: int) -> Iterator[list]:
+    group = []
+    for row in rows:
+        group.append(row)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _batch(rows: list[tuple[str, list[Tokenized]]], start: int) -> pa.Table:
