@@ -26,8 +26,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	snakemake --cores all
 
-# two workers: the end-to-end module (its two DAG runs) in one, every other test in the other
+# lint first (seconds), then two workers: the end-to-end module (its two DAG runs) in one,
+# every other test in the other
 test: setup
+	ruff check src tests bench
 	python -m pytest -n 2 --dist loadscope
 
 dvc-export: setup

@@ -73,7 +73,7 @@ def test_prints_documents_summaries_by_level_and_the_response(synth, tmp_path):
          "finish_reason": "stop", "n_tokens": 6, "kept": True, "reason": None},
     ], RESPONSES)
     text = show("abc123", d, synth / "docs.parquet")
-    assert "   1  0.8000  %s  Bees make honey in hives.  (5 tokens)" % doc_id(1) in text
+    assert f"   1  0.8000  {doc_id(1)}  Bees make honey in hives.  (5 tokens)" in text
     assert "Volcano  (7 tokens)" in text
     assert "level 0 #1  doc 2 (Volcano), chunk 0  [dropped: nothing_relevant" in text
     assert "level 1 #0  merges level-0 #0  [kept, FINAL" in text

@@ -15,8 +15,7 @@ import random
 
 from longctx.errors import LongctxError
 from longctx.eval.ruler import Draft, Plan, fit
-from longctx.eval.ruler.niah import NEEDLE, answer_prefix, insert_between, instruction, \
-    random_value
+from longctx.eval.ruler.niah import NEEDLE, answer_prefix, insert_between, instruction, random_value
 from longctx.eval.ruler.sources import TextSources, ends_sentence
 from longctx.eval.samples import EvalSample, PromptMeasure
 from longctx.llm.base import derive_seed
