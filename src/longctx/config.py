@@ -5,9 +5,9 @@ description. Snakemake validates `params.yaml` against the JSON schema generated
 models (`longctx schema`), and every `longctx <step>` loads the file through `load_params`, so
 an unknown key or a bad value is rejected with the key's path and the reason before any work.
 
-Sections map one-to-one onto DAG rules (DESIGN.md section 2), and each rule reads only its own
-section, so Snakemake and DVC rerun exactly what a change touches. Sections of the training and
-evaluation halves are `stages` (the progressive schedule that `pack` and `train` both read),
+Sections map one-to-one onto DAG rules (docs/architecture.md section 2), and each rule reads
+only its own section, so Snakemake and DVC rerun exactly what a change touches. Sections of
+the training half are `stages` (the progressive schedule that `pack` and `train` both read),
 `pack` and `train`; the evaluation half's are `eval` (how models generate), `niah`, `ruler`
 and `lmeval`.
 """

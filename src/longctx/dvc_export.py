@@ -1,4 +1,5 @@
-"""Export `dvc.yaml` from the Snakemake DAG, so the DAG is written once (DESIGN.md section 5).
+"""Export `dvc.yaml` from the Snakemake DAG, so the DAG is written once (docs/architecture.md
+section 5).
 
 One DVC stage per Snakemake job: `cmd` is the rule's shell command with its paths filled in,
 `deps` its inputs (upstream artifacts and its source modules), `params` the params sections it
