@@ -1,8 +1,9 @@
 """`longctx <step>`: one subcommand per Snakemake rule, plus tools around the DAG.
 
 Each step loads and validates the params file, then calls one function of its module with
-its own section; paths come from the rule so the Snakefile is the one place they are written.
-Heavy libraries are imported inside the commands so `longctx --help` stays instant.
+its own section and its paths by keyword: the step table (longctx.steps) names each path
+once, for the rule's command and for the arguments parsed here. Heavy libraries are imported
+inside the commands so `longctx --help` stays instant.
 """
 
 from __future__ import annotations
