@@ -106,23 +106,29 @@ def file_chats(path: str | Path) -> list[tuple[str, Chat]]:
         for i, chat in enumerate(read_table(path, ["messages"])):
             records.append((f"{path}: record {i}", chat["messages"]))
     elif path.suffix in (".jsonl", ".json"):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: record {len(records)} (line {line_no})"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LongctxError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise LongctxError(f"{where}: no `messages` key")
-            records.append((where, record["messages"]))
+        records = _jsonl_records(path)
     else:
         raise LongctxError(f"{path}: chat files are .parquet or .jsonl")
     if not records:
         raise LongctxError(f"pack.short_path: {path} holds no records")
     return [(f"file:{i}", _check_chat(chat, where)) for i, (where, chat) in enumerate(records)]
+
+
+def _jsonl_records(path: Path) -> list[tuple[str, Any]]:
+    """(where, messages) of each non-blank line of a jsonl chat file."""
+    records: list[tuple[str, Any]] = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}: record {len(records)} (line {line_no})"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LongctxError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or "messages" not in record:
+            raise LongctxError(f"{where}: no `messages` key")
+        records.append((where, record["messages"]))
+    return records
 
 
 def short_samples(cfg: PackConfig, chat: ChatTokenizer, length: int, paths: dict[str, Path]
