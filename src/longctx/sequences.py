@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,23 +50,12 @@ class Tokenized:
 
 def write_sequences(path: str | Path, rows: Iterable[tuple[str, list[Tokenized]]]) -> None:
     """sequences.parquet atomically from (kind, samples) rows, in order, as they come."""
+    rows, start = iter(rows), 0
     with repro.atomic_path(path) as tmp, \
             pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
-        start = 0
-        for group in _groups(rows, ROW_GROUP):
+        for group in iter(lambda: list(islice(rows, ROW_GROUP)), []):  # ROW_GROUP at a time
             writer.write_table(_batch(group, start), row_group_size=ROW_GROUP)
             start += len(group)
-
-
-def _groups(rows: Iterable, size: int) -> Iterator[list]:
-    group = []
-    for row in rows:
-        group.append(row)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def _batch(rows: list[tuple[str, list[Tokenized]]], start: int) -> pa.Table:

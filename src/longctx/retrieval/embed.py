@@ -21,6 +21,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -292,20 +293,6 @@ def iter_rows(pf: pq.ParquetFile, tok, layout: Layout) -> Iterator[Row]:
                 yield Row(doc_id, p, s, e - s, span)
 
 
-def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
-    chunk: list[Row] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-# --------------------------------------------------------------------------- the step
-
-
 def cache_key(
     identity: dict, cfg: EmbedConfig, layout: Layout, device: str, corpus_sha: str
 ) -> str:
@@ -398,7 +385,8 @@ def _encode_shards(cfg: EmbedConfig, pf: Any, model: Any, layout: Any, cache: Pa
     # one text per document in first_tokens mode; passages are counted as they come
     bar = tqdm(total=pf.metadata.num_rows if layout.max_passages == 1 else None, unit="text",
                desc="embed", disable=None)
-    for i, chunk in enumerate(_chunks(iter_rows(pf, model.tokenizer, layout), cfg.shard_size)):
+    rows = iter_rows(pf, model.tokenizer, layout)
+    for i, chunk in enumerate(iter(lambda: list(islice(rows, cfg.shard_size)), [])):  # shards
         for name in meta:
             meta[name] += [getattr(r, name) for r in chunk]
         path = cache / shard_name(i)
