@@ -330,7 +330,8 @@ def test_two_processes_take_signals_and_train_like_one_accumulating(setup):
     killed = "".join(lines)
     assert proc.wait(timeout=30) != 0, killed[-3000:]
     saved = sorted(int(p.name.removeprefix("step-")) for p in out.glob("checkpoints/*/step-*"))
-    assert len(saved) == 2 and 1 < saved[0] < saved[1] < 30, killed[-3000:]
+    # SIGUSR1 follows step 1's log line, so its checkpoint is at step 1 or later
+    assert len(saved) == 2 and 1 <= saved[0] < saved[1] < 30, killed[-3000:]
     assert killed.count(f"stopped by SIGTERM after step {saved[1]} of 30") == 1  # by rank 0
     assert not (out / "model").exists()
 
