@@ -196,7 +196,7 @@ def main() -> None:
         backend = HFBackend(path, device="cpu")
         out["dtype"] = backend.dtype
         out["prompt_tokens"] = backend.prompt_tokens([backend.render(c) for c in chats])
-        backend.generate(chats[:1], Sampling(max_new_tokens=2))  # warm-up
+        list(backend.generate(chats[:1], Sampling(max_new_tokens=2), [0]))  # warm-up
         runs = []
         for b in sizes:
             log(f"ours: batch {b}, {len(chats)} prompts")

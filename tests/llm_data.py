@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from longctx.llm.base import derive_seed
+
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -82,16 +84,29 @@ class Killed(Exception):
     """Raised where a killed process would have stopped."""
 
 
+def complete(backend, chats, sampling, seeds=None) -> list:
+    """A backend's completions in input order; call i's seed derived from (sampling.seed, i)
+    unless `seeds` are given. Every index must come back exactly once."""
+    if seeds is None:
+        seeds = [derive_seed(sampling.seed, i) % 2**31 for i in range(len(chats))]
+    done = {}
+    for i, completion in backend.generate(chats, sampling, seeds):
+        assert i not in done, f"index {i} yielded twice"
+        done[i] = completion
+    assert sorted(done) == list(range(len(chats)))
+    return [done[i] for i in range(len(chats))]
+
+
 def kill_on_call(monkeypatch, backend, n: int) -> list[int]:
     """Make the backend's n-th generate call (1-based) die, as a killed process would;
     returns the batch sizes of the calls made (the dying one included)."""
     real, calls = backend.generate, []
 
-    def generate(chats, sampling):
+    def generate(chats, sampling, seeds):
         calls.append(len(chats))
         if len(calls) == n:
             raise Killed
-        return real(chats, sampling)
+        return real(chats, sampling, seeds)
 
     monkeypatch.setattr(backend, "generate", generate)
     return calls

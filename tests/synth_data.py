@@ -7,7 +7,7 @@ tests can tell cache hits from generations. Every step also has a test on a real
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from longctx.llm import LLM, CallCache, Completion
@@ -40,18 +40,17 @@ class ScriptedBackend:
     def count_tokens(self, texts: list[str]) -> list[int]:
         return words(texts)
 
-    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
-        outs = []
-        for chat in chats:
+    def generate(self, chats: list[Chat], sampling: Sampling,
+                 seeds: list[int]) -> Iterator[tuple[int, Completion]]:
+        for i, chat in enumerate(chats):
             message = chat[-1]["content"]
             self.served.append(message)
             text = self.reply(message)
             cut = text.endswith("\x00")
             text = text.rstrip("\x00")
             n = min(len(text.split()), sampling.max_new_tokens)
-            outs.append(Completion(text=text, finish_reason="length" if cut else "stop",
-                                   prompt_tokens=len(message.split()), completion_tokens=n))
-        return outs
+            yield i, Completion(text=text, finish_reason="length" if cut else "stop",
+                                prompt_tokens=len(message.split()), completion_tokens=n)
 
 
 def scripted_llm(reply: Callable[[str], str], cache_path: Path | None = None,

@@ -4,7 +4,7 @@ run returns exactly what an uninterrupted run would."""
 import sqlite3
 
 import pytest
-from llm_data import PROMPTS, Killed, build_tiny_chat_model, kill_on_call, user
+from llm_data import PROMPTS, Killed, build_tiny_chat_model, complete, kill_on_call, user
 
 from longctx.llm import LLM, CallCache, Sampling
 from longctx.llm.cache import call_key
@@ -39,7 +39,7 @@ def test_second_call_is_all_hits_with_identical_completions(backend, tmp_path):
 def test_results_come_back_in_input_order(backend, tmp_path):
     llm = make(backend, tmp_path / "c.sqlite", batch_size=3)
     outs = llm.chat(CHATS, GREEDY, "t/1")
-    alone = [backend.generate([c], GREEDY)[0] for c in CHATS]
+    alone = [complete(backend, [c], GREEDY)[0] for c in CHATS]
     assert [o.prompt_tokens for o in outs] == [a.prompt_tokens for a in alone]
     assert outs == alone
 
@@ -83,19 +83,24 @@ def test_what_changes_the_output_changes_the_key(backend, tmp_path):
     assert (llm.last.hits, llm.last.misses) == (4, 0)
 
 
-def test_batches_do_not_depend_on_what_is_cached(backend, tmp_path):
-    """A cached neighbour must not pull a prompt into another batch (sampled text would
-    change); a partly cached batch is regenerated whole, with its original members."""
+def test_only_uncached_calls_are_generated_and_equal_an_uncached_run(backend, tmp_path,
+                                                                    monkeypatch):
+    """Each call is looked up by itself: a batch that is partly cached generates only its
+    missing calls, in a batch of their own, and (a call's output being its own) they come out
+    exactly as in the run that made them among other batch-mates, greedy and sampled."""
     path = tmp_path / "c.sqlite"
-    full = make(backend, path).chat(CHATS, SAMPLED, "t/1")
-    keys = [call_key(backend.identity, backend.render(c), SAMPLED, "t/1") for c in CHATS]
-    lengths = backend.prompt_tokens([backend.render(c) for c in CHATS])
-    second = [keys[i] for i in plan_batches(lengths, keys, 4)[1]]
-    with sqlite3.connect(path) as db:  # forget half of the second batch
-        db.executemany("DELETE FROM calls WHERE key = ?", [(k,) for k in second[:2]])
-    llm = make(backend, path)
-    assert llm.chat(CHATS, SAMPLED, "t/1") == full
-    assert (llm.last.hits, llm.last.misses) == (9, 4)
+    for sampling in (GREEDY, SAMPLED):
+        full = make(backend, path).chat(CHATS, sampling, "t/1")
+        keys = [call_key(backend.identity, backend.render(c), sampling, "t/1") for c in CHATS]
+        lengths = backend.prompt_tokens([backend.render(c) for c in CHATS])
+        second = [keys[i] for i in plan_batches(lengths, keys, 4)[1]]
+        with sqlite3.connect(path) as db:  # forget half of the second batch
+            db.executemany("DELETE FROM calls WHERE key = ?", [(k,) for k in second[:2]])
+        llm = make(backend, path)
+        calls = kill_on_call(monkeypatch, backend, 0)  # counts calls, never kills
+        assert llm.chat(CHATS, sampling, "t/1") == full
+        monkeypatch.undo()
+        assert (llm.last.hits, llm.last.misses, calls) == (11, 2, [2])
 
 
 def test_duplicate_requests_are_made_once(backend, tmp_path):

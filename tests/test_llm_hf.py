@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from llm_data import PROMPTS, build_tiny_chat_model, build_tokenizer, user
+from llm_data import PROMPTS, build_tiny_chat_model, build_tokenizer, complete, user
 
 from longctx.errors import LongctxError
 from longctx.llm.base import Sampling
@@ -22,15 +22,38 @@ def backend(model_dir):
     return HFBackend(model_dir)
 
 
-def test_batched_greedy_equals_one_by_one(backend):
+@pytest.mark.parametrize("sampling", [Sampling(max_new_tokens=10),
+                                      Sampling(max_new_tokens=10, temperature=1.0, seed=4)],
+                         ids=["greedy", "sampled"])
+def test_a_call_comes_out_the_same_whatever_shares_its_batch(backend, sampling):
+    """The contract the per-call cache and sharded steps stand on: batched, alone, or among
+    other batch-mates in another order, a call with its seed gives the same completion."""
     chats = [user(p) for p in PROMPTS]
     lengths = backend.prompt_tokens([backend.render(c) for c in chats])
     assert max(lengths) > 2 * min(lengths)  # the batch really is padded
-    sampling = Sampling(max_new_tokens=10)
-    batched = backend.generate(chats, sampling)
-    alone = [backend.generate([c], sampling)[0] for c in chats]
+    seeds = [100 + i for i in range(len(chats))]
+    batched = complete(backend, chats, sampling, seeds)
+    alone = [complete(backend, [c], sampling, [s])[0] for c, s in zip(chats, seeds)]
+    shuffled = complete(backend, chats[::-1][:5], sampling, seeds[::-1][:5])
     assert batched == alone
+    assert shuffled == batched[::-1][:5]
     assert len({c.text for c in batched}) > 1  # outputs depend on the prompt
+
+
+def test_a_sampled_call_follows_its_own_seed(backend):
+    chats = [user(PROMPTS[4])] * 2
+    sampling = Sampling(max_new_tokens=12, temperature=1.0)
+    same, other = complete(backend, chats, sampling, [7, 7]), complete(backend, chats[:1],
+                                                                       sampling, [8])
+    assert same[0] == same[1] != other[0]
+
+
+def test_top_p_that_keeps_one_token_samples_the_greedy_text(backend):
+    """Temperature and top-p are applied as transformers applies them before the noise: a
+    nucleus of one token leaves nothing to sample."""
+    chats = [user(p) for p in PROMPTS[:4]]
+    narrow = Sampling(max_new_tokens=10, temperature=1.0, top_p=1e-9)
+    assert complete(backend, chats, narrow) == complete(backend, chats, Sampling(max_new_tokens=10))
 
 
 def test_unpadded_prefill_gives_what_a_padded_batch_gives(backend, monkeypatch):
@@ -44,9 +67,9 @@ def test_unpadded_prefill_gives_what_a_padded_batch_gives(backend, monkeypatch):
     for sampling in (Sampling(max_new_tokens=10),
                      Sampling(max_new_tokens=10, temperature=1.0, seed=3)):
         backend.unpadded_prefill = True
-        unpadded = backend.generate(chats, sampling)
+        unpadded = complete(backend, chats, sampling)
         backend.unpadded_prefill = False
-        padded = backend.generate(chats, sampling)
+        padded = complete(backend, chats, sampling)
         assert unpadded == padded
     backend.unpadded_prefill = True
     assert len(calls) == 2  # once per unpadded generate, never on the padded path
@@ -85,7 +108,7 @@ def test_render_is_the_chat_template_with_generation_prompt(backend):
 
 def test_max_new_tokens_and_length_finish(backend):
     for n in (1, 7):
-        (out,) = backend.generate([user("hello there")], Sampling(max_new_tokens=n))
+        (out,) = complete(backend, [user("hello there")], Sampling(max_new_tokens=n))
         assert out.completion_tokens == n
         assert out.finish_reason == "length"
         assert out.prompt_tokens == backend.prompt_tokens([backend.render(user("hello there"))])[0]
@@ -102,13 +125,13 @@ def test_generation_config_eos_ids_stop_generation(model_dir, backend, tmp_path)
     stopper = build_tiny_chat_model(tmp_path / "stopper", extra_eos=[stop_id])
     stopping = HFBackend(stopper)
     assert stop_id in stopping.eos_ids and backend.tokenizer.eos_token_id in stopping.eos_ids
-    outs = stopping.generate(chats, Sampling(max_new_tokens=12))
+    outs = complete(stopping, chats, Sampling(max_new_tokens=12))
     k = first_ids.index(stop_id)  # the first occurrence is where generation stops
     assert outs[0].finish_reason == "stop"
     assert outs[0].completion_tokens == k + 1  # the stop token counts, its text does not
     assert outs[0].text == backend.tokenizer.decode(first_ids[:k])
     # the other row keeps going after its neighbour stopped, and is unaffected by it
-    assert outs[1] == stopping.generate([chats[1]], Sampling(max_new_tokens=12))[0]
+    assert outs[1] == complete(stopping, [chats[1]], Sampling(max_new_tokens=12))[0]
 
 
 def test_weights_load_only_for_a_call_not_in_the_cache(model_dir, tmp_path):
@@ -136,7 +159,7 @@ def test_without_generation_config_json_the_model_config_gives_the_special_token
     loaded = AutoModelForCausalLM.from_pretrained(path).generation_config
     assert bare.eos_ids == [loaded.eos_token_id] == [bare.tokenizer.eos_token_id]
     assert bare.generation_config.bos_token_id == loaded.bos_token_id is not None
-    (out,) = bare.generate([user("hello")], Sampling(max_new_tokens=4))
+    (out,) = complete(bare, [user("hello")], Sampling(max_new_tokens=4))
     assert out.completion_tokens > 0 and bare.model.generation_config is bare.generation_config
 
 
@@ -144,13 +167,13 @@ def test_seeded_sampling_is_reproducible_and_depends_on_the_seed(backend):
     chats = [user(p) for p in PROMPTS[:4]]
 
     def sample(seed):
-        return backend.generate(chats, Sampling(max_new_tokens=12, temperature=1.0, seed=seed))
+        return complete(backend, chats, Sampling(max_new_tokens=12, temperature=1.0, seed=seed))
 
     a = sample(1)
-    backend.generate(chats, Sampling(max_new_tokens=5, temperature=1.0, seed=99))  # other work
+    complete(backend, chats, Sampling(max_new_tokens=5, temperature=1.0, seed=99))  # other work
     assert sample(1) == a  # nothing that ran before matters
     assert sample(2) != a
-    assert a != backend.generate(chats, Sampling(max_new_tokens=12))  # it really samples
+    assert a != complete(backend, chats, Sampling(max_new_tokens=12))  # it really samples
 
 
 def test_prompt_longer_than_the_window_is_refused(tmp_path):
@@ -158,10 +181,10 @@ def test_prompt_longer_than_the_window_is_refused(tmp_path):
     assert small.context_tokens == 64
     chats = [user("short"), user("x" * 60)]
     with pytest.raises(LongctxError, match=r"prompt 1 has \d+ tokens.*64-token window"):
-        small.generate(chats, Sampling(max_new_tokens=8))
+        complete(small, chats, Sampling(max_new_tokens=8))
     configured = HFBackend(tmp_path / "small", context_tokens=32)
     with pytest.raises(LongctxError, match="32-token window"):
-        configured.generate([user("a" * 20)], Sampling(max_new_tokens=8))
+        complete(configured, [user("a" * 20)], Sampling(max_new_tokens=8))
 
 
 def test_identity_hashes_model_files_or_reads_the_manifest(model_dir, tmp_path):

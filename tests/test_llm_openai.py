@@ -8,7 +8,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from llm_data import build_tiny_chat_model, user
+from llm_data import build_tiny_chat_model, complete, user
 
 from longctx.errors import LongctxError
 from longctx.llm import LLM, CallCache, Sampling
@@ -101,7 +101,7 @@ def client(url, **kwargs):
 
 def test_5xx_are_retried_until_success(fake):
     script = Script(fail_first=2, status=503)
-    (out,) = client(fake(script)).generate([user("abc")], Sampling(max_new_tokens=4))
+    (out,) = complete(client(fake(script)), [user("abc")], Sampling(max_new_tokens=4))
     assert out.text == "cba" and out.finish_reason == "length" and out.completion_tokens == 2
     assert script.requests == 3
 
@@ -109,7 +109,7 @@ def test_5xx_are_retried_until_success(fake):
 def test_a_timed_out_request_is_retried(fake):
     script = Script(stall_first=1, stall_s=1.5, fail_first=0)
     t0 = time.perf_counter()
-    (out,) = client(fake(script), timeout_s=0.5).generate([user("xy")], Sampling())
+    (out,) = complete(client(fake(script), timeout_s=0.5), [user("xy")], Sampling())
     assert out.text == "yx"
     assert script.requests == 2
     assert time.perf_counter() - t0 < 1.4  # it did not wait for the stalled answer
@@ -120,7 +120,7 @@ def test_persistent_5xx_gives_a_clear_error_after_the_retries(fake):
     url = fake(script)
     with pytest.raises(LongctxError, match=rf"llm.base_url {url}: unreachable after 2 retries "
                                            r"\(last error: HTTP 502"):
-        client(url, max_retries=2).generate([user("a")], Sampling())
+        complete(client(url, max_retries=2), [user("a")], Sampling())
     assert script.requests == 3
 
 
@@ -131,20 +131,20 @@ def test_an_unreachable_endpoint_gives_a_clear_error_after_the_retries():
     url = f"http://127.0.0.1:{port}/v1"
     with pytest.raises(LongctxError, match=rf"llm.base_url {url}: unreachable after 2 retries "
                                            r"\(last error: ConnectionRefusedError"):
-        client(url, max_retries=2).generate([user("a")], Sampling())
+        complete(client(url, max_retries=2), [user("a")], Sampling())
 
 
 def test_client_errors_are_not_retried(fake):
     script = Script(fail_first=100, status=401)
     with pytest.raises(LongctxError, match=r"HTTP 401 .*check llm.api_key_env"):
-        client(fake(script)).generate([user("a")], Sampling())
+        complete(client(fake(script)), [user("a")], Sampling())
     assert script.requests == 1
 
 
 def test_requests_in_flight_are_bounded(fake):
     script = Script(delay_s=0.05)
     chats = [user(f"q{i}") for i in range(24)]
-    outs = client(fake(script), max_concurrency=3).generate(chats, Sampling())
+    outs = complete(client(fake(script), max_concurrency=3), chats, Sampling())
     assert [o.text for o in outs] == [f"q{i}"[::-1] for i in range(24)]  # input order
     assert 2 <= script.max_in_flight <= 3
 
@@ -152,13 +152,13 @@ def test_requests_in_flight_are_bounded(fake):
 def test_sampling_is_passed_through_with_per_request_seeds(fake):
     script = Script()
     sampling = Sampling(max_new_tokens=9, temperature=0.7, top_p=0.8, seed=5)
-    client(fake(script)).generate([user("a"), user("b")], sampling)
+    complete(client(fake(script)), [user("a"), user("b")], sampling)
     bodies = sorted(script.bodies, key=lambda b: b["messages"][0]["content"])
     for body in bodies:
         assert (body["model"], body["max_tokens"], body["temperature"], body["top_p"]) == \
                ("m", 9, 0.7, 0.8)
     assert bodies[0]["seed"] != bodies[1]["seed"]
-    client(fake(script)).generate([user("c")], Sampling())  # greedy: no seed needed
+    complete(client(fake(script)), [user("c")], Sampling())  # greedy: no seed needed
     assert "seed" not in script.bodies[-1] and script.bodies[-1]["temperature"] == 0.0
 
 
@@ -178,7 +178,7 @@ def test_api_key_comes_from_the_named_variable_and_is_never_stored(fake, tmp_pat
     assert SECRET.encode() not in stored  # ...the key is not
 
     monkeypatch.delenv("MY_LLM_KEY")
-    client(url, api_key_env="MY_LLM_KEY").generate([user("x")], Sampling())
+    complete(client(url, api_key_env="MY_LLM_KEY"), [user("x")], Sampling())
     assert script.auth[-1] is None  # no variable, no Authorization header
 
 
@@ -203,20 +203,19 @@ def test_served_completions_equal_the_local_backend(tiny_server, monkeypatch):
     chats = [user("What is the capital of France?"), user("hi")]
     for sampling in (Sampling(max_new_tokens=5),
                      Sampling(max_new_tokens=5, temperature=1.0, seed=3)):
-        outs = remote.generate(chats, sampling)
-        for i, (chat, out) in enumerate(zip(chats, outs)):
-            seed = OpenAIBackend.request_seed(sampling, i)
-            assert out == local.generate([chat], Sampling(
-                max_new_tokens=5, temperature=sampling.temperature, seed=seed))[0]
+        seeds = [11, 12]  # each request's seed reaches the server's backend
+        outs = complete(remote, chats, sampling, seeds)
+        for chat, out, seed in zip(chats, outs, seeds):
+            assert out == complete(local, [chat], sampling, [seed])[0]
 
 
 def test_serve_answers_errors_the_openai_way(tiny_server, monkeypatch):
     url, _ = tiny_server
     with pytest.raises(LongctxError, match="HTTP 401"):
-        OpenAIBackend(url, "tiny", api_key_env="UNSET_VAR_XYZ").generate([user("a")], Sampling())
+        complete(OpenAIBackend(url, "tiny", api_key_env="UNSET_VAR_XYZ"), [user("a")], Sampling())
     monkeypatch.setenv("SERVE_KEY", SECRET)
     with pytest.raises(LongctxError, match="HTTP 404 .*model `other` does not exist"):
-        OpenAIBackend(url, "other", api_key_env="SERVE_KEY").generate([user("a")], Sampling())
+        complete(OpenAIBackend(url, "other", api_key_env="SERVE_KEY"), [user("a")], Sampling())
     with pytest.raises(LongctxError, match=r"HTTP 400 .*prompt 0 has \d+ tokens"):
-        OpenAIBackend(url, "tiny", api_key_env="SERVE_KEY").generate(
+        complete(OpenAIBackend(url, "tiny", api_key_env="SERVE_KEY"),
             [user("x" * 600)], Sampling(max_new_tokens=4))

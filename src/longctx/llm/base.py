@@ -1,13 +1,17 @@
-"""The contract every LLM backend meets: batched chat completion with sampling and a seed.
+"""The contract every LLM backend meets: chat completion, one call at a time in law.
 
 A backend knows nothing about caching, batch planning or progress: `LLM` (client.py) does
-that once for all of them. A backend must make its output a function of (its `identity`, the
-rendered prompts of the batch, the sampling) so the call cache can stand in for it.
+that once for all of them. A backend may batch, but each call's output must be a function of
+(its `identity`, that call's rendered prompt, the sampling, that call's seed) and of nothing
+else in the batch: then the call cache can stand in for any single call, a rerun generates
+only the calls that never finished, and a step split into shards (each batching its own
+calls) writes what one job writes.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -22,8 +26,9 @@ FinishReason = Literal["stop", "length"]
 class Sampling:
     """How to decode. temperature 0 is greedy (top_p and seed then cannot matter).
 
-    For one `generate` call `seed` seeds the whole batch; `LLM` derives it per batch from the
-    caller's seed and the batch's cache keys, so sampled text never depends on what ran before.
+    `seed` is the caller's (a step's) seed; backends never read it: `LLM` derives each call's
+    own seed from it and the call's cache key (`call_seed`), so sampled text depends on
+    neither what ran before nor what shares the batch.
     """
 
     max_new_tokens: int = 256
@@ -67,8 +72,11 @@ class Backend(Protocol):
         """Prompt lengths in tokens (or a cheap monotone proxy), for length-sorted batching."""
         ...
 
-    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
-        """Complete every chat of one batch, in order."""
+    def generate(self, chats: list[Chat], sampling: Sampling,
+                 seeds: list[int]) -> Iterator[tuple[int, Completion]]:
+        """Complete every chat; yield (index into `chats`, completion) as each finishes, in
+        any order, each index once. Chat i's output depends only on its own prompt, the
+        sampling and `seeds[i]` (31 bits; unused when greedy), never on the other chats."""
         ...
 
 
@@ -76,6 +84,12 @@ def derive_seed(*parts: Any) -> int:
     """A 63-bit seed from anything JSON-able: same parts, same seed, on every machine."""
     digest = hashlib.sha256(canonical_json(list(parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def call_seed(key: str) -> int:
+    """A sampled call's own seed, from its cache key (which holds the caller's seed): 31 bits,
+    the range every server accepts."""
+    return derive_seed("call", key) % 2**31
 
 
 def check_window(lengths: list[int], max_new_tokens: int, window: int | None,

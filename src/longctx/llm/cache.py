@@ -1,10 +1,12 @@
 """The content-addressed LLM call cache: a rerun pays only for calls that never finished.
 
-One SQLite file (WAL mode: readers never block the one writer, and parallel steps may share
-it). A key is the sha256 of everything that determines a completion; the value is the
-completion. `put_many` writes a whole batch in one transaction, so a killed step leaves
-either the whole batch or none of it, never a half-written row. API keys never reach it:
-keys are built from the backend's `identity`, which holds no secret.
+One SQLite file (WAL mode: readers never block the one writer, and parallel steps on one
+machine may share it; a job on a cluster gets a file of its own, since WAL is not safe over a
+network filesystem). A key is the sha256 of everything that determines a completion; the
+value is the completion. `put` stores one call in its own transaction the moment it is
+finished, so a killed step loses only the calls still being generated, never a half-written
+row. API keys never reach it: keys are built from the backend's `identity`, which holds no
+secret.
 """
 
 from __future__ import annotations
@@ -76,13 +78,13 @@ class CallCache:
                     found[key] = Completion(*fields)
         return found
 
-    def put_many(self, items: list[tuple[str, Completion]], desc: str = "") -> None:
-        """Store one finished batch atomically (one transaction)."""
-        now = time.time()
-        rows = [(k, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, desc, now)
-                for k, c in items]
+    def put(self, key: str, completion: Completion, desc: str = "") -> None:
+        """Store one finished call (its own transaction: durable before the next one)."""
+        c = completion
+        row = (key, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, desc,
+               time.time())
         with self._lock, self._db:
-            self._db.executemany("INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.execute("INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     def __len__(self) -> int:
         with self._lock:

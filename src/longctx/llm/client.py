@@ -1,24 +1,26 @@
-"""`LLM`: what every synthesis step calls. Plans batches, consults the call cache, reports.
+"""`LLM`: what every synthesis step calls. Looks up each call, batches the rest, reports.
 
-Determinism under kills: the batches are planned over ALL requested calls (sorted by prompt
-length, then key) before the cache is consulted, so a batch always has the same members
-whether or not its neighbours were cached. A batch is either taken whole from the cache or
-generated whole and stored in one transaction. A killed and restarted step therefore
-regenerates exactly the batches that had not finished, with the same members and the same
-derived seed -- its results equal an uninterrupted run's.
+Each call is looked up in the cache by itself; only the calls never finished are generated,
+planned into batches of similar length (sorted by prompt length, then key). Each call has
+its own seed (`call_seed`, from its key), and backends make a call's output independent of
+its batch-mates (base.py), so which calls happen to share a batch -- after a kill, after a
+params change that adds calls, in one job or in shards -- never changes a completion. Each
+completion is stored the moment the backend yields it: a killed step loses only unfinished
+calls, and its rerun returns exactly what an uninterrupted run returns.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
 from longctx.errors import LongctxError
-from longctx.llm.base import Backend, Chat, Completion, Sampling, check_window, derive_seed
+from longctx.llm.base import Backend, Chat, Completion, Sampling, call_seed, check_window
 from longctx.llm.cache import CallCache, call_key
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,8 @@ def plan_batches(lengths: list[int], keys: list[str], batch_size: int) -> list[l
 
 
 class LLM:
-    """A backend plus the call cache. `batch_size` is the number of calls per generate."""
+    """A backend plus the call cache. `batch_size` is the number of uncached calls handed to
+    the backend at a time."""
 
     def __init__(self, backend: Backend, cache: CallCache | None, batch_size: int,
                  tokenizer: Any = None) -> None:
@@ -76,7 +79,7 @@ class LLM:
 
     def chat(self, chats: list[Chat], sampling: Sampling, template_version: str,
              desc: str = "llm") -> list[Completion]:
-        """Complete every chat (results in input order), generating only uncached batches."""
+        """Complete every chat (results in input order), generating only uncached calls."""
         if not chats:
             return []
         rendered = [self.backend.render(c) for c in chats]
@@ -89,19 +92,16 @@ class LLM:
         for j, i in enumerate(uniq):  # before any work, naming the caller's index
             check_window([lengths[j]], sampling.max_new_tokens, self.context_tokens, offset=i)
 
-        stats = CallStats(calls=len(uniq))
-        cached = self.cache.get_many(list(first)) if self.cache is not None else {}
-        done: dict[str, Completion] = {}
-        bar = tqdm(total=len(uniq), desc=desc, unit="call", disable=None)
-        for batch in plan_batches(lengths, [keys[i] for i in uniq], self.batch_size):
-            members = [uniq[j] for j in batch]
-            bkeys = [keys[i] for i in members]
-            if all(k in cached for k in bkeys):
-                done.update((k, cached[k]) for k in bkeys)
-                stats.hits += len(bkeys)
-            else:
-                done.update(self._generate(members, bkeys, chats, sampling, desc, stats))
-            bar.update(len(members))
+        done = self.cache.get_many(list(first)) if self.cache is not None else {}
+        stats = CallStats(calls=len(uniq), hits=len(done))
+        missing = [j for j, i in enumerate(uniq) if keys[i] not in done]
+        bar = tqdm(total=len(uniq), initial=stats.hits, desc=desc, unit="call", disable=None)
+        for batch in plan_batches([lengths[j] for j in missing],
+                                  [keys[uniq[j]] for j in missing], self.batch_size):
+            members = [uniq[missing[b]] for b in batch]
+            for key, completion in self._generate(members, keys, chats, sampling, desc, stats):
+                done[key] = completion
+                bar.update(1)
             bar.set_postfix(cached=stats.hits, tok_s=f"{_rate(stats):.1f}")
         bar.close()
 
@@ -113,22 +113,28 @@ class LLM:
                  _rate(stats))
         return [done[k] for k in keys]
 
-    def _generate(self, members: list[int], bkeys: list[str], chats: list[Chat],
-                  sampling: Sampling, desc: str, stats: CallStats) -> list[tuple[str, Completion]]:
-        if not sampling.greedy:  # sampled text depends only on who is in the batch
-            sampling = replace(sampling, seed=derive_seed(sampling.seed, bkeys))
+    def _generate(self, members: list[int], keys: list[str], chats: list[Chat],
+                  sampling: Sampling, desc: str,
+                  stats: CallStats) -> Iterator[tuple[str, Completion]]:
+        """One batch through the backend; each completion stored as it arrives."""
+        seeds = [call_seed(keys[i]) for i in members]
         t0 = time.perf_counter()
-        outs = self.backend.generate([chats[i] for i in members], sampling)
-        stats.seconds += time.perf_counter() - t0
-        if len(outs) != len(members):
-            raise RuntimeError(f"backend returned {len(outs)} completions for {len(members)}")
-        items = list(zip(bkeys, outs))
-        if self.cache is not None:
-            self.cache.put_many(items, desc)  # the whole batch, one transaction
-        stats.misses += len(members)
+        seen = set()
+        for position, completion in self.backend.generate([chats[i] for i in members],
+                                                          sampling, seeds):
+            stats.seconds += time.perf_counter() - t0
+            key = keys[members[position]]
+            if self.cache is not None:
+                self.cache.put(key, completion, desc)
+            seen.add(position)
+            stats.misses += 1
+            stats.completion_tokens += completion.completion_tokens
+            yield key, completion
+            t0 = time.perf_counter()  # the caller's time between calls is not the backend's
         stats.batches += 1
-        stats.completion_tokens += sum(c.completion_tokens for c in outs)
-        return items
+        if len(seen) != len(members):
+            raise RuntimeError(f"backend {self.backend.name!r} completed {len(seen)} of "
+                               f"{len(members)} calls")
 
     def __enter__(self) -> LLM:
         return self

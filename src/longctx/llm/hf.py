@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,42 @@ def render_chat(tokenizer: Any, chat: Chat) -> str:
     if chat and chat[-1]["role"] == "assistant":  # an answer prefix: the model continues it
         return tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def per_call_sampler(sampling: Sampling, seeds: list[int]) -> Any:
+    """Temperature and top-p as transformers applies them, then Gumbel noise drawn from each
+    row's own generator, for `generate` to take the argmax of: argmax(log p + Gumbel) is a
+    sample from p (the Gumbel-max trick), and row i's noise comes only from `seeds[i]` and
+    its step count, where transformers' own sampling draws every row from one shared stream
+    (so a call's text would depend on its batch-mates)."""
+    from transformers import (
+        LogitsProcessor,
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    class GumbelNoise(LogitsProcessor):
+        def __init__(self) -> None:
+            self.generators: list[Any] = []
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            import torch
+
+            if not self.generators:  # the first step: one generator per row, on its device
+                self.generators = [torch.Generator(scores.device).manual_seed(s) for s in seeds]
+            noise = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device)
+                                 for g in self.generators])
+            tiny = torch.finfo(noise.dtype).tiny
+            return scores.float() - torch.log(-torch.log(noise.clamp_(min=tiny)))
+
+    warpers = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_p < 1:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return LogitsProcessorList([*warpers, GumbelNoise()])
 
 
 # --------------------------------------------------------------------------- the backend
@@ -177,7 +214,8 @@ class HFBackend:
         # The chat template already wrote every special token: add none (no double BOS).
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
+    def generate(self, chats: list[Chat], sampling: Sampling,
+                 seeds: list[int]) -> Iterator[tuple[int, Completion]]:
         import torch
 
         ids = self._encode([self.render(c) for c in chats])
@@ -188,14 +226,12 @@ class HFBackend:
         if self.unpadded_prefill and min(lengths) < max(lengths):
             batch["cache"] = self._prefill_unpadded(ids)
         options: dict[str, Any] = {"do_sample": False}
-        if not sampling.greedy:
-            options = {"do_sample": True, "temperature": sampling.temperature,
-                       "top_p": sampling.top_p, "top_k": 0}
-            torch.manual_seed(sampling.seed)  # the batch's seed (see Sampling)
+        if not sampling.greedy:  # the argmax of per-row noised scores: a sample per row
+            options["logits_processor"] = per_call_sampler(sampling, seeds)
         with torch.inference_mode():
             out = self.model.generate(**batch, max_new_tokens=sampling.max_new_tokens, **options)
         new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
-        return [self._completion(row, n) for row, n in zip(new_tokens, lengths)]
+        yield from enumerate(self._completion(row, n) for row, n in zip(new_tokens, lengths))
 
     def _prefill_unpadded(self, ids: list[list[int]]) -> Any:
         """The batch's KV cache for all but each prompt's last token, computed prompt by

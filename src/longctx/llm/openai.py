@@ -17,11 +17,12 @@ import random
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from longctx.errors import LongctxError
-from longctx.llm.base import Chat, Completion, Sampling, derive_seed
+from longctx.llm.base import Chat, Completion, Sampling
 from longctx.repro import canonical_json
 
 log = logging.getLogger(__name__)
@@ -65,21 +66,17 @@ class OpenAIBackend:
     def prompt_tokens(self, rendered: list[str]) -> list[int]:
         return [len(r) for r in rendered]  # characters: enough to group similar lengths
 
-    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
-        futures = [
-            self._pool.submit(self._complete, chat, sampling, self.request_seed(sampling, i))
-            for i, chat in enumerate(chats)
-        ]
+    def generate(self, chats: list[Chat], sampling: Sampling,
+                 seeds: list[int]) -> Iterator[tuple[int, Completion]]:
+        """Every chat in flight at once (the pool bounds it); each yielded as it finishes."""
+        futures = {self._pool.submit(self._complete, chat, sampling, seed): i
+                   for i, (chat, seed) in enumerate(zip(chats, seeds))}
         try:
-            return [f.result() for f in futures]
+            for future in as_completed(futures):
+                yield futures[future], future.result()
         finally:
             for f in futures:
-                f.cancel()  # after a failure, do not start the rest of the batch
-
-    @staticmethod
-    def request_seed(sampling: Sampling, index: int) -> int:
-        """Request `index` of a batch gets its own seed (31 bits: servers differ in range)."""
-        return derive_seed(sampling.seed, index) % 2**31
+                f.cancel()  # after a failure, do not start the rest
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -115,7 +115,7 @@ def make_handler(backend: Backend, model_name: str, api_key: str | None) -> type
                 chat, sampling = _messages(body), _sampling(body)
                 with lock:
                     try:
-                        done = backend.generate([chat], sampling)[0]
+                        _, done = next(backend.generate([chat], sampling, [sampling.seed]))
                     except LongctxError as exc:  # e.g. the prompt does not fit the window
                         raise _ApiError(400, str(exc)) from None
                 self._reply(200, {

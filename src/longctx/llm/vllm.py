@@ -2,18 +2,20 @@
 
 We render and tokenize prompts ourselves with the model's chat template (exactly as the hf
 backend does) and hand vLLM token ids, so both backends see the same prompt and the cache key
-means the same thing. vLLM batches continuously inside one `generate`; each request gets its
-own seed derived from the batch seed, so sampled output depends only on the batch.
+means the same thing. vLLM batches continuously inside one `generate`; each request carries
+its call's own seed (vLLM seeds a generator per request), so a sampled call does not depend
+on its batch-mates.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from longctx.errors import LongctxError
-from longctx.llm.base import Chat, Completion, Sampling, check_window, derive_seed
+from longctx.llm.base import Chat, Completion, Sampling, check_window
 from longctx.llm.hf import eos_token_ids, render_chat, resolve_model
 
 NEEDS_EXTRA = "llm.backend 'vllm' needs the vllm extra: pip install 'longctx[vllm]'"
@@ -59,7 +61,8 @@ class VLLMBackend:
     def count_tokens(self, texts: list[str]) -> list[int]:
         return self.prompt_tokens(texts)
 
-    def generate(self, chats: list[Chat], sampling: Sampling) -> list[Completion]:
+    def generate(self, chats: list[Chat], sampling: Sampling,
+                 seeds: list[int]) -> Iterator[tuple[int, Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -68,18 +71,16 @@ class VLLMBackend:
         params = [
             SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
                            max_tokens=sampling.max_new_tokens, stop_token_ids=self.eos_ids,
-                           seed=None if sampling.greedy else derive_seed(sampling.seed, i))
-            for i in range(len(chats))
+                           seed=None if sampling.greedy else seed)
+            for seed in seeds
         ]
         outputs = self.engine.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params,
                                        use_tqdm=False)
-        completions = []
-        for prompt_ids, out in zip(ids, outputs):
+        for i, (prompt_ids, out) in enumerate(zip(ids, outputs)):
             best = out.outputs[0]
-            completions.append(Completion(
+            yield i, Completion(
                 text=best.text,
                 finish_reason="length" if best.finish_reason == "length" else "stop",
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=len(best.token_ids),
-            ))
-        return completions
+            )
