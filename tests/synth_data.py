@@ -7,11 +7,13 @@ tests can tell cache hits from generations. Every step also has a test on a real
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from longctx.llm import LLM, CallCache, Completion
 from longctx.llm.base import Chat, Sampling
+from longctx.shards import Shard
 
 
 def words(texts: list[str]) -> list[int]:
@@ -58,3 +60,21 @@ def scripted_llm(reply: Callable[[str], str], cache_path: Path | None = None,
     """An `LLM` over a ScriptedBackend; with `cache_path`, calls are cached there."""
     backend = ScriptedBackend(reply, context_tokens)
     return LLM(backend, CallCache(cache_path) if cache_path else None, batch_size)
+
+
+def run_sharded(step: Callable, gather: Callable, cfg, llm: LLM, seed: int, *,
+                shards: int = 1, parts_dir: Path | None = None, **paths) -> dict:
+    """`step` as `shards` shard jobs, then `gather` over their parts, as the DAG runs them.
+    `paths` are the step's inputs and the gather's outputs, by name; each function takes the
+    ones in its signature (the gather: the outputs, and `instructions` for its order)."""
+    step_args = inspect.signature(step).parameters
+    gather_args = inspect.signature(gather).parameters
+    parts_dir = parts_dir or Path(paths["metrics"]).parent / "parts"
+    parts = []
+    for number in range(1, shards + 1):
+        part = parts_dir / f"{number}-of-{shards}.parquet"
+        step(cfg, llm, seed, shard=Shard(number, shards), params="test", part=part,
+             **{k: v for k, v in paths.items() if k in step_args})
+        parts.append(part)
+    return gather(params="test", parts=parts,
+                  **{k: v for k, v in paths.items() if k in gather_args})

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from llm_data import build_tokenizer
 from retrieval_data import TOPICS, doc_id, write_docs
-from synth_data import scripted_llm
+from synth_data import run_sharded, scripted_llm
 
 from longctx.cli import main
 from longctx.config import EmbedConfig, IndexConfig, Params, SummarizeConfig
@@ -26,7 +26,7 @@ from longctx.retrieval.search import Retriever
 from longctx.sequences import SCHEMA, read_sequences
 from longctx.synth.long_output import LONG_OUTPUT_SCHEMA
 from longctx.synth.respond import RESPONSES_SCHEMA
-from longctx.synth.summarize import summarize
+from longctx.synth.summarize import gather_summaries, summarize
 from longctx.synth.tables import write_table
 from longctx.train.data import pack_samples as data_pack
 from longctx.train.data import to_samples
@@ -253,10 +253,11 @@ def qfs(world, tmp_path):
     synth = write_synth(tmp_path / "synth", {"q1": "Tell me about volcanoes and bees."},
                         {"q1": [0, 6, 2, LONG["Alpha"]]})
     llm = scripted_llm(qfs_reply)
-    summarize(SummarizeConfig(chunk_tokens=12, budget_tokens=12, max_new_tokens=16), llm, SEED,
-              instructions=synth / "instructions.parquet", retrieved=synth / "retrieved.parquet",
-              docs=world / "docs.parquet", summaries=synth / "summaries.parquet",
-              metrics=synth / "summaries.json")
+    run_sharded(summarize, gather_summaries,
+                SummarizeConfig(chunk_tokens=12, budget_tokens=12, max_new_tokens=16), llm, SEED,
+                instructions=synth / "instructions.parquet", retrieved=synth / "retrieved.parquet",
+                docs=world / "docs.parquet", summaries=synth / "summaries.parquet",
+                metrics=synth / "summaries.json")
     return synth, llm
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from llm_data import build_tiny_chat_model
 from retrieval_data import doc_id, write_docs
-from synth_data import scripted_llm, words
+from synth_data import run_sharded, scripted_llm, words
 
 from longctx.config import LongOutputConfig
 from longctx.errors import LongctxError
@@ -18,6 +18,7 @@ from longctx.synth.long_output import (
     LONG_OUTPUT_SCHEMA,
     REASONS,
     clean_instruction,
+    gather_long_output,
     long_output,
     sample_id,
 )
@@ -50,8 +51,10 @@ def echo(message: str) -> str:
     return f'Instruction: "Write an article about topic d{doc_of(message)} in detail."'
 
 
-def run(tmp: Path, llm, docs: Path, seed: int = 3, **cfg) -> tuple[dict, list[dict]]:
-    stats = long_output(LongOutputConfig(**{**SMALL, **cfg}), llm, seed, docs=docs,
+def run(tmp: Path, llm, docs: Path, seed: int = 3, shards: int = 1,
+        **cfg) -> tuple[dict, list[dict]]:
+    stats = run_sharded(long_output, gather_long_output, LongOutputConfig(**{**SMALL, **cfg}),
+                        llm, seed, shards=shards, docs=docs,
                         long_output=tmp / "long_output.parquet", metrics=tmp / "stats.json")
     return stats, pq.read_table(tmp / "long_output.parquet").to_pylist()
 

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from llm_data import build_tiny_chat_model
-from synth_data import scripted_llm
+from synth_data import run_sharded, scripted_llm
 
 from longctx.config import RespondConfig
 from longctx.errors import LongctxError
-from longctx.synth.respond import REASONS, RESPONSES_SCHEMA, respond
+from longctx.synth.respond import REASONS, RESPONSES_SCHEMA, gather_responses, respond
 from longctx.synth.tables import write_table
 
 INSTRUCTIONS_SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string())])
@@ -42,11 +42,12 @@ def one_each(instructions: dict[str, str]) -> list[tuple[str, int, int, str, boo
 
 
 def run(tmp: Path, llm, instructions: dict[str, str], summaries=None, seed: int = 7,
-        **cfg) -> tuple[dict, dict[str, dict]]:
+        shards: int = 1, **cfg) -> tuple[dict, dict[str, dict]]:
     ipath, spath = write_inputs(tmp, instructions,
                                 one_each(instructions) if summaries is None else summaries)
-    stats = respond(RespondConfig(**cfg), llm, seed, instructions=ipath, summaries=spath,
-                    responses=tmp / "responses.parquet", metrics=tmp / "stats.json")
+    stats = run_sharded(respond, gather_responses, RespondConfig(**cfg), llm, seed,
+                        shards=shards, instructions=ipath, summaries=spath,
+                        responses=tmp / "responses.parquet", metrics=tmp / "stats.json")
     rows = pq.read_table(tmp / "responses.parquet").to_pylist()
     return stats, {r["instruction_id"]: r for r in rows}
 

@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 from llm_data import Killed, build_tiny_chat_model, kill_on_call
 from retrieval_data import doc_id, write_docs
-from synth_data import scripted_llm, words
+from synth_data import run_sharded, scripted_llm, words
 
 from longctx.config import SummarizeConfig
 from longctx.errors import LongctxError
 from longctx.llm import LLM, CallCache
 from longctx.llm.base import derive_seed
 from longctx.synth.prompts import VERSIONS
-from longctx.synth.summarize import SCHEMA, summarize
+from longctx.synth.summarize import SCHEMA, gather_summaries, summarize
 from longctx.tokens import split_chunks
 
 SEED = 7
@@ -69,9 +69,10 @@ def write_inputs(root, instructions, docs, ranking, extra_retrieved=()):
             "docs": root / "docs.parquet"}
 
 
-def run(cfg, llm, inputs, out_dir, seed=SEED):
-    stats = summarize(cfg, llm, seed, **inputs, summaries=out_dir / "summaries.parquet",
-                      metrics=out_dir / "summaries.json")
+def run(cfg, llm, inputs, out_dir, seed=SEED, shards=1):
+    stats = run_sharded(summarize, gather_summaries, cfg, llm, seed, shards=shards, **inputs,
+                        summaries=out_dir / "summaries.parquet",
+                        metrics=out_dir / "summaries.json")
     rows = pq.read_table(out_dir / "summaries.parquet").to_pylist()
     assert stats == json.loads((out_dir / "summaries.json").read_text())
     return rows, stats
@@ -147,7 +148,7 @@ def test_documents_are_chunked_and_summarised_in_rank_then_chunk_order(tmp_path)
     served = [parse(m)[1][0] for m in llm.backend.served]
     assert sorted(served) == sorted(["Short second document."] + [c.strip() for c in chunks])
     assert rows[1]["summary"] == f"about {chunks[0].split()[0]} a b c"
-    assert (stats["chunks"], stats["chunks_left_out"], stats["documents"]) == (7, 0, 2)
+    assert (stats["chunks"], stats["chunk_reads_left_out"], stats["documents"]) == (7, 0, 2)
     texts = {doc_id(i): text for i, text in enumerate(docs)}
     parts = {doc_id(0): chunks, doc_id(1): [docs[1]]}
     for r in rows:  # offsets give back each chunk exactly (what pack rebuilds prompts from)
@@ -159,7 +160,7 @@ def test_documents_are_chunked_and_summarised_in_rank_then_chunk_order(tmp_path)
     rows, stats = run(capped, scripted_llm(reply), inputs, tmp_path / "capped")
     assert [(r["doc_id"], r["chunk"]) for r in rows] == [(doc_id(1), 0), (doc_id(0), 0),
                                                          (doc_id(0), 1)]
-    assert (stats["chunks"], stats["chunks_left_out"]) == (3, 4)
+    assert (stats["chunks"], stats["chunk_reads_left_out"]) == (3, 4)
 
 
 def test_recursion_merges_until_the_budget_fits(tmp_path, recurse_inputs):
@@ -237,9 +238,8 @@ def test_window_check_fails_before_any_call(tmp_path, recurse_inputs):
     llm = scripted_llm(reply, context_tokens=100)
     cfg = SummarizeConfig(chunk_tokens=90, max_new_tokens=16)
     with pytest.raises(LongctxError, match=r"summarize\.chunk_tokens: 90 .* 100-token window"):
-        summarize(cfg, llm, SEED, **recurse_inputs, summaries=tmp_path / "s.parquet",
-                  metrics=tmp_path / "s.json")
-    assert llm.backend.served == [] and not (tmp_path / "s.parquet").exists()
+        run(cfg, llm, recurse_inputs, tmp_path)
+    assert llm.backend.served == [] and not (tmp_path / "summaries.parquet").exists()
 
 
 def test_window_check_is_not_stricter_than_needed(tmp_path):
@@ -248,8 +248,7 @@ def test_window_check_is_not_stricter_than_needed(tmp_path):
     inputs = write_inputs(tmp_path / "in", ["Tell me."], [doc], [[0]])
     cfg = SummarizeConfig(chunk_tokens=40, max_new_tokens=16)
     with pytest.raises(LongctxError) as info:
-        summarize(cfg, scripted_llm(reply, context_tokens=60), SEED, **inputs,
-                  summaries=tmp_path / "s.parquet", metrics=tmp_path / "s.json")
+        run(cfg, scripted_llm(reply, context_tokens=60), inputs, tmp_path)
     around = int(re.search(r"\+ (\d+) prompt tokens", str(info.value)).group(1))
     window = 40 + around + 16  # the smallest window chunk_tokens 40 is allowed
     rows, _ = run(cfg, scripted_llm(reply, context_tokens=window), inputs, tmp_path)
@@ -287,8 +286,7 @@ def test_unknown_instruction_in_retrieved_names_the_file(tmp_path):
     inputs = write_inputs(tmp_path / "in", ["Tell me."], ["Text."], [[0]],
                           extra_retrieved=["ffffffffffffffff"])
     with pytest.raises(LongctxError, match=r"ret\.parquet.*'ffffffffffffffff'"):
-        summarize(SummarizeConfig(), scripted_llm(reply), SEED, **inputs,
-                  summaries=tmp_path / "s.parquet", metrics=tmp_path / "s.json")
+        run(SummarizeConfig(), scripted_llm(reply), inputs, tmp_path)
 
 
 

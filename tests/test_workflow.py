@@ -33,22 +33,28 @@ def test_every_stage_runs_its_own_longctx_step(exported):
     assert sorted(order) == sorted(["base_model", "corpus", "embed", "index", "instructions",
                                     "retrieve", "summarize", "respond", "long_output",
                                     "pack-0", "pack-1", "train_stage-0", "train_stage-1",
-                                    "niah_samples", "ruler_samples", "report"]
+                                    "niah_samples", "ruler_samples", "report",
+                                    "summarize_shard-1-of-1", "respond_shard-1-of-1",
+                                    "long_output_shard-1-of-1"]
                                    + [f"eval_{kind}-{model}" for kind in ("niah", "ruler", "lmeval")
                                       for model in ("base", "stage-0", "stage-1")])
     for first, then in [("base_model", "corpus"), ("corpus", "embed"), ("embed", "index"),
                         ("index", "retrieve"), ("instructions", "retrieve"),
-                        ("retrieve", "summarize"), ("summarize", "respond"),
+                        ("retrieve", "summarize_shard-1-of-1"),
+                        ("summarize_shard-1-of-1", "summarize"),
+                        ("summarize", "respond_shard-1-of-1"),
+                        ("respond_shard-1-of-1", "respond"),
                         ("respond", "pack-0"), ("pack-0", "train_stage-0"),
                         ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1"),
                         ("niah_samples", "eval_niah-base"), ("train_stage-1", "eval_ruler-stage-1"),
                         ("eval_lmeval-stage-1", "report"), ("train_stage-1", "report")]:
         assert order.index(first) < order.index(then)
-    commands = {"train_stage": "train"}  # one stage per job: the rule name, then a wildcard
+    commands = {step.rule: step.command for step in STEPS.values()}
     for name, stage in stages.items():
-        rule = name.split("-")[0]
-        step = commands.get(rule, rule.replace("_", "-"))
-        assert re.match(rf"longctx --log logs/{rule}(/\S+)?\.log {step} ", stage["cmd"]), name
+        rule = name.split("-")[0]  # one stage per job: the rule name, then its wildcards
+        step = commands[rule]
+        logs = rule.removesuffix("_shard")  # a shard's log: logs/<step>/<N-of-M>.log
+        assert re.match(rf"longctx --log logs/{logs}(/\S+)?\.log {step} ", stage["cmd"]), name
         assert any(dep.startswith("src/longctx/") for dep in stage["deps"]), name
     assert stages["index"]["params"] == ["index", "seed"]
     assert stages["embed"]["params"] == ["embed"]
@@ -145,7 +151,9 @@ def test_every_step_parses_the_arguments_its_table_names(tmp_path):
     from longctx.cli import build_parser
 
     for command, step in STEPS.items():
-        words = step_command(command, **{a.name: "7" for a in step.args if a.role == "option"})
+        values = {a.name: "2-of-3" if a.name == "shard" else "7"
+                  for a in step.args if a.role == "option"}
+        words = step_command(command, **values)
         argv = [w.replace("{log}", "x.log").replace("{", "").replace("}", "")
                 for w in words.split()[1:]]
         args = build_parser().parse_args(argv)

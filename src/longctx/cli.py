@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from longctx import logs
 from longctx.config import PARAMS_FILE, Params, load_params
@@ -63,15 +64,29 @@ def cmd_index(args: argparse.Namespace) -> None:
              manifest["recall"], args.index)
 
 
-def _with_llm(args: argparse.Namespace, step) -> dict:
+def _with_llm(args: argparse.Namespace, step, **given) -> Any:
     """`step(section, llm, seed, **paths)` with the configured generator open (and closed
-    after); the step's `model` input is the generator's, not the step function's."""
+    after); the step's `model` input is the generator's, not the step function's. Each job
+    has a call cache file of its own (a shard's: `<step>/<N-of-M>`)."""
     from longctx.synth.tables import open_llm
 
     params = _params(args)
-    with open_llm(params.llm, args.model) as llm:
-        return step(getattr(params, args.command.replace("-", "_")), llm, params.seed,
+    section = args.command.replace("-", "_")
+    shard = getattr(args, "shard", None)
+    job = section if shard is None else f"{section}/{shard.name}"
+    with open_llm(params.llm, args.model, job) as llm:
+        return step(getattr(params, section), llm, params.seed, **given,
                     **_paths(args, "model"))
+
+
+def _part_params(args: argparse.Namespace, section: str) -> str:
+    """What a sharded step's parts are checked against at gather: the params its rules pass
+    (its own section, llm and seed)."""
+    from longctx.repro import fingerprint
+
+    params = _params(args)
+    return fingerprint({"section": getattr(params, section).model_dump(mode="json"),
+                        "llm": params.llm.model_dump(mode="json"), "seed": params.seed})
 
 
 def cmd_instructions(args: argparse.Namespace) -> None:
@@ -93,7 +108,14 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
 def cmd_summarize(args: argparse.Namespace) -> None:
     from longctx.synth.summarize import summarize
 
-    stats = _with_llm(args, summarize)
+    rows = _with_llm(args, summarize, params=_part_params(args, "summarize"))
+    log.info("summarize %s: %d summaries -> %s", args.shard.name, rows, args.part)
+
+
+def cmd_gather_summarize(args: argparse.Namespace) -> None:
+    from longctx.synth.summarize import gather_summaries
+
+    stats = gather_summaries(params=_part_params(args, "summarize"), **_paths(args))
     log.info("summarize: %d summaries over %d levels -> %s", stats["summaries"],
              stats["levels"], args.summaries)
 
@@ -101,7 +123,14 @@ def cmd_summarize(args: argparse.Namespace) -> None:
 def cmd_respond(args: argparse.Namespace) -> None:
     from longctx.synth.respond import respond
 
-    stats = _with_llm(args, respond)
+    rows = _with_llm(args, respond, params=_part_params(args, "respond"))
+    log.info("respond %s: %d instructions -> %s", args.shard.name, rows, args.part)
+
+
+def cmd_gather_respond(args: argparse.Namespace) -> None:
+    from longctx.synth.respond import gather_responses
+
+    stats = gather_responses(params=_part_params(args, "respond"), **_paths(args))
     log.info("respond: %d kept of %d -> %s", stats["kept"], stats["instructions"],
              args.responses)
 
@@ -109,7 +138,14 @@ def cmd_respond(args: argparse.Namespace) -> None:
 def cmd_long_output(args: argparse.Namespace) -> None:
     from longctx.synth.long_output import long_output
 
-    stats = _with_llm(args, long_output)
+    rows = _with_llm(args, long_output, params=_part_params(args, "long_output"))
+    log.info("long_output %s: %d candidates -> %s", args.shard.name, rows, args.part)
+
+
+def cmd_gather_long_output(args: argparse.Namespace) -> None:
+    from longctx.synth.long_output import gather_long_output
+
+    stats = gather_long_output(params=_part_params(args, "long_output"), **_paths(args))
     log.info("long_output: %d kept of %d candidates -> %s", stats["kept"], stats["candidates"],
              args.long_output)
 

@@ -692,6 +692,25 @@ def _sequence_faults(params: Params) -> list[RuleError]:
     return faults
 
 
+class ShardsConfig(Section):
+    """How many jobs each sharded step runs as (scatter), before one job gathers their parts
+    into the step's table. The table is the same bytes for any count: the count trades jobs
+    for time, never results."""
+
+    default: PositiveInt = Field(default=1, description="shard jobs of a step not named here")
+    summarize: PositiveInt | None = Field(default=None, description="summarize shard jobs "
+                                          "(split by instruction id)")
+    respond: PositiveInt | None = Field(default=None, description="respond shard jobs (split "
+                                        "by instruction id)")
+    long_output: PositiveInt | None = Field(default=None, description="long_output shard jobs "
+                                            "(split by document id)")
+
+    def of(self, step: str) -> int:
+        """The shard count of `step` (a section name: summarize, respond, long_output)."""
+        count = getattr(self, step)
+        return self.default if count is None else count
+
+
 class Params(Section):
     seed: int = Field(default=1234, description="global seed: sampling, training, index build")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -711,6 +730,7 @@ class Params(Section):
     niah: NiahConfig = Field(default_factory=NiahConfig)
     ruler: RulerConfig = Field(default_factory=RulerConfig)
     lmeval: LmevalConfig = Field(default_factory=LmevalConfig)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:

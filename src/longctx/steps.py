@@ -10,10 +10,14 @@ its rule and one in its function.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from longctx.errors import LongctxError
+from longctx.shards import Shard
 
 Role = Literal["input", "output", "option"]
 
@@ -55,7 +59,16 @@ class Step:
     args: tuple[Arg, ...]
 
 
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except LongctxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 STAGE = opt("stage", "index into stages.schedule", type=int)
+SHARD = opt("shard", "this job's shard, N-of-M (a sharded step: longctx.shards)", type=_shard)
+PARTS = inp("parts", "every shard's part, 1-of-M .. M-of-M", nargs="+")
 MODEL_NAME = opt("name", "the model's name in results (base, stage-0, ...)", type=str)
 METRICS = out("metrics", "stats json")
 BASE_MODEL = inp("model", "the base model dir (tokenizer, chat template)")
@@ -77,15 +90,25 @@ STEPS: dict[str, Step] = {s.command: s for s in (
          (inp("instructions", "instructions.parquet"), inp("index", "the index dir"),
           inp("embeddings", "the embeddings dir"), out("retrieved", "retrieved.parquet"),
           METRICS)),
-    Step("summarize", "summarize", "recursive query-focused summaries of the retrieved "
-         "documents", (inp("instructions", "instructions.parquet"),
-                       inp("retrieved", "retrieved.parquet"), DOCS, LLM,
-                       out("summaries", "summaries.parquet"), METRICS)),
-    Step("respond", "respond", "the LLM answers each instruction from its summaries",
-         (inp("instructions", "instructions.parquet"), inp("summaries", "summaries.parquet"),
-          LLM, out("responses", "responses.parquet"), METRICS)),
-    Step("long-output", "long_output", "back-translated writing instructions for long "
-         "documents", (DOCS, LLM, out("long_output", "long_output.parquet"), METRICS)),
+    Step("summarize", "summarize_shard", "recursive query-focused summaries of the "
+         "documents retrieved for a shard's instructions",
+         (SHARD, inp("instructions", "instructions.parquet"),
+          inp("retrieved", "retrieved.parquet"), DOCS, LLM,
+          out("part", "the shard's summaries"))),
+    Step("gather-summarize", "summarize", "summarize's shard parts, in instruction order",
+         (inp("instructions", "instructions.parquet"), PARTS,
+          out("summaries", "summaries.parquet"), METRICS)),
+    Step("respond", "respond_shard", "the LLM answers each instruction of a shard from its "
+         "summaries", (SHARD, inp("instructions", "instructions.parquet"),
+                       inp("summaries", "summaries.parquet"), LLM,
+                       out("part", "the shard's responses"))),
+    Step("gather-respond", "respond", "respond's shard parts, in instruction order",
+         (inp("instructions", "instructions.parquet"), PARTS,
+          out("responses", "responses.parquet"), METRICS)),
+    Step("long-output", "long_output_shard", "back-translated writing instructions for a "
+         "shard's long documents", (SHARD, DOCS, LLM, out("part", "the shard's rows"))),
+    Step("gather-long-output", "long_output", "long_output's shard parts, in document order",
+         (PARTS, out("long_output", "long_output.parquet"), METRICS)),
     Step("pack", "pack", "the tokenised training sequences of one stage",
          (STAGE, BASE_MODEL, DOCS, inp("instructions", "instructions.parquet"),
           inp("retrieved", "retrieved.parquet"), inp("summaries", "summaries.parquet"),

@@ -206,6 +206,15 @@ def eval_models(config: dict[str, Any]) -> list[str]:
     return ["base"] + [f"stage-{k}" for k in stage_indices(config)]
 
 
+def shard_names(config: dict[str, Any], step: str) -> list[str]:
+    """The shard wildcards of a sharded step (shards.<step>, else shards.default): 1-of-N ..
+    N-of-N, one shard job each, all gathered by the step's own rule."""
+    from longctx.config import validate_params
+    from longctx.shards import names
+
+    return names(validate_params(config, "params.yaml").shards.of(step))
+
+
 def model_dir(name: str) -> str:
     """Where an evaluated model's weights live (the outputs of base_model and train_stage)."""
     return "models/base" if name == "base" else f"models/{name}"

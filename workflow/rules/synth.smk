@@ -1,5 +1,7 @@
 # The synthesis half: the short model writes instructions, reads what the retriever finds
 # through query-focused summaries, and answers. LLM steps take every core (one at a time).
+# summarize, respond and long_output scatter into shard jobs (`<rule>_shard`, one per
+# shards.<step>) that their own rule gathers into the table later steps read.
 rule instructions:
     input:
         docs=rules.corpus.output.docs,
@@ -36,7 +38,7 @@ rule retrieve:
         step_command("retrieve")
 
 
-rule summarize:
+rule summarize_shard:
     input:
         instructions=rules.instructions.output.instructions,
         retrieved=rules.retrieve.output.retrieved,
@@ -45,18 +47,35 @@ rule summarize:
         files=params_files(config, "summarize", "llm", "seed"),
         code=step_code("summarize"),
     output:
+        part="data/synth/parts/summarize/{shard}.parquet",
+    params:
+        **sections(config, "summarize", "llm", "seed"),
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
+    threads: workflow.cores
+    log:
+        "logs/summarize/{shard}.log",
+    shell:
+        step_command("summarize", shard="{wildcards.shard}")
+
+
+rule summarize:
+    input:
+        instructions=rules.instructions.output.instructions,
+        parts=expand(rules.summarize_shard.output.part, shard=shard_names(config, "summarize")),
+        code=step_code("gather-summarize"),
+    output:
         summaries="data/synth/summaries.parquet",
         metrics="data/synth/summaries.json",
     params:
         **sections(config, "summarize", "llm", "seed"),
-    threads: workflow.cores
     log:
         "logs/summarize.log",
     shell:
-        step_command("summarize")
+        step_command("gather-summarize")
 
 
-rule respond:
+rule respond_shard:
     input:
         instructions=rules.instructions.output.instructions,
         summaries=rules.summarize.output.summaries,
@@ -64,30 +83,64 @@ rule respond:
         files=params_files(config, "respond", "llm", "seed"),
         code=step_code("respond"),
     output:
+        part="data/synth/parts/respond/{shard}.parquet",
+    params:
+        **sections(config, "respond", "llm", "seed"),
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
+    threads: workflow.cores
+    log:
+        "logs/respond/{shard}.log",
+    shell:
+        step_command("respond", shard="{wildcards.shard}")
+
+
+rule respond:
+    input:
+        instructions=rules.instructions.output.instructions,
+        parts=expand(rules.respond_shard.output.part, shard=shard_names(config, "respond")),
+        code=step_code("gather-respond"),
+    output:
         responses="data/synth/responses.parquet",
         metrics="data/synth/responses.json",
     params:
         **sections(config, "respond", "llm", "seed"),
-    threads: workflow.cores
     log:
         "logs/respond.log",
     shell:
-        step_command("respond")
+        step_command("gather-respond")
 
 
-rule long_output:
+rule long_output_shard:
     input:
         docs=rules.corpus.output.docs,
         model=rules.base_model.output.model,
         files=params_files(config, "long_output", "llm", "seed"),
         code=step_code("long-output"),
     output:
+        part="data/synth/parts/long_output/{shard}.parquet",
+    params:
+        **sections(config, "long_output", "llm", "seed"),
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
+    threads: workflow.cores
+    log:
+        "logs/long_output/{shard}.log",
+    shell:
+        step_command("long-output", shard="{wildcards.shard}")
+
+
+rule long_output:
+    input:
+        parts=expand(rules.long_output_shard.output.part,
+                     shard=shard_names(config, "long_output")),
+        code=step_code("gather-long-output"),
+    output:
         long_output="data/synth/long_output.parquet",
         metrics="data/synth/long_output.json",
     params:
         **sections(config, "long_output", "llm", "seed"),
-    threads: workflow.cores
     log:
         "logs/long_output.log",
     shell:
-        step_command("long-output")
+        step_command("gather-long-output")

@@ -21,6 +21,8 @@ from longctx.config import LongOutputConfig
 from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
+from longctx.parts import read_parts, write_part
+from longctx.shards import Shard, check_count
 from longctx.synth import prompts
 from longctx.synth.quality import REFERS_TO_PROMPT_TEXT, is_repetitive
 from longctx.synth.tables import count_reasons, mean_max, read_documents, read_table, write_table
@@ -150,17 +152,19 @@ def sample_id(doc_id: str, instruction: str) -> str:
     return hashlib.sha256(f"{doc_id}\n{instruction}".encode()).hexdigest()[:16]
 
 
-def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, docs: str | Path,
-                long_output: str | Path, metrics: str | Path) -> dict:
-    """Back-translate a writing instruction for every candidate document of `docs` in ONE
-    batched call, write one row per candidate to `long_output` and the stats to `metrics`;
-    returns the stats."""
+def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, shard: Shard, params: str,
+                docs: str | Path, part: str | Path) -> int:
+    """Back-translate a writing instruction for every candidate document of `shard` (one
+    batched call) and write one row per candidate, in id order, to `part`; returns the
+    number of rows."""
     check_window(cfg, llm)
     lengths = read_table(docs, ["id", "n_tokens"])
     eligible, candidates = pick_candidates(lengths, cfg, seed, Path(docs))
     if not candidates:
         log.warning("long_output: no document has %d-%d tokens; writing an empty table",
                     cfg.min_tokens, cfg.max_tokens)
+    check_count(shard, len(candidates), "shards.long_output", "candidate documents")
+    candidates = [d for d in candidates if shard.owns(d)]
     documents = read_documents(docs, candidates) if candidates else {}
     sampling = cfg.sampling(derive_seed(seed, "long_output"))
     chats = [prompts.backtranslate_prompt(excerpt(documents[i]["text"], cfg.excerpt_tokens, llm),
@@ -177,21 +181,32 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, docs: str | Path,
                      "target_tokens": documents[doc_id]["n_tokens"],
                      "finish_reason": answer.finish_reason, "kept": reason is None,
                      "reason": reason})
-    write_table(long_output, rows, LONG_OUTPUT_SCHEMA)
+    context = {"documents": len(lengths), "eligible": len(eligible),
+               "min_tokens": cfg.min_tokens, "max_tokens": cfg.max_tokens,
+               "sampling": asdict(sampling), "template": prompts.VERSIONS["backtranslate"],
+               "model": repro.fingerprint(llm.identity)}
+    write_part(part, rows, LONG_OUTPUT_SCHEMA, shard, params=params, context=context)
+    log.info("long_output %s: %d candidates", shard.name, len(rows))
+    return len(rows)
 
-    kept = [r["target_tokens"] for r in rows if r["kept"]]
+
+def gather_long_output(*, params: str, parts: list[Path], long_output: str | Path,
+                       metrics: str | Path) -> dict:
+    """The shards' rows, in document id order, to `long_output`, and the stats of all of
+    them to `metrics`; returns the stats."""
+    got = read_parts(parts, LONG_OUTPUT_SCHEMA, params, key="doc_id", order=None,
+                     rerun="long_output")
+    write_table(long_output, got.rows, LONG_OUTPUT_SCHEMA)
+    kept = [r["target_tokens"] for r in got.rows if r["kept"]]
+    context = dict(got.context)
     stats = {
-        "documents": len(lengths),
-        "eligible": len(eligible),
-        "candidates": len(candidates),
+        "documents": context.pop("documents"),
+        "eligible": context.pop("eligible"),
+        "candidates": len(got.rows),
         "kept": len(kept),
-        "dropped": count_reasons([r["reason"] for r in rows], REASONS),
+        "dropped": count_reasons([r["reason"] for r in got.rows], REASONS),
         "target_tokens": {"sum": sum(kept), **mean_max(kept)},
-        "min_tokens": cfg.min_tokens,
-        "max_tokens": cfg.max_tokens,
-        "sampling": asdict(sampling),
-        "template": prompts.VERSIONS["backtranslate"],
-        "model": repro.fingerprint(llm.identity),
+        **context,
     }
     repro.write_json(metrics, stats)
     log.info("long_output: %d of %d candidates kept (%d eligible of %d documents)",

@@ -1,4 +1,6 @@
-"""Rule `summarize`: recursive query-focused summaries of every instruction's documents.
+"""Rules `summarize_shard` and `summarize`: recursive query-focused summaries of every
+instruction's documents, in shard jobs split by instruction id (longctx.shards), gathered
+into one table.
 
 The core of "Bootstrap Your Own Context Length": a short-context model cannot read the
 retrieved documents whole, so each document is cut into chunks that fit it, every chunk is
@@ -7,8 +9,9 @@ dropped), and while an instruction's summaries are longer than `budget_tokens` c
 ones are merged into summaries of summaries, one level at a time. Every summary of every level
 is a row (kept or why not), so a sample can be traced from its response down to the chunks.
 
-All chats of one level, over all instructions, go to the LLM in one call: batches fill up, and
-a killed run resumes from the call cache with the same batches, hence the same output.
+All chats of one level, over the shard's instructions, go to the LLM in one call, so batches
+fill up; a call's output does not depend on its batch-mates, so a killed run, or another
+shard count, gives the same rows.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from longctx.config import SummarizeConfig
 from longctx.errors import LongctxError
 from longctx.llm import LLM, Chat, Completion
 from longctx.llm.base import derive_seed
+from longctx.parts import read_parts, write_part
+from longctx.shards import Shard, check_count
 from longctx.synth.prompts import NOTHING_RELEVANT, VERSIONS, merge_prompt, qfs_prompt
 from longctx.synth.quality import is_repetitive
 from longctx.synth.tables import (
@@ -117,14 +122,14 @@ def _check_window(cfg: SummarizeConfig, llm: LLM, instructions: list[str]) -> No
 
 
 def _chunk_documents(cfg: SummarizeConfig, llm: LLM, docs: dict[str, dict],
-                     ids: list[str]) -> tuple[dict[str, list[str]], int]:
-    """Each document's chunks (first `max_chunks_per_document`), and how many were left out."""
-    chunks, left_out = {}, 0
+                     ids: list[str]) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Each document's chunks (first `max_chunks_per_document`), and how many each left out."""
+    chunks, left_out = {}, {}
     for doc_id in tqdm(ids, desc="chunk documents", unit="doc", disable=None):
         parts = split_chunks(docs[doc_id]["text"], cfg.chunk_tokens, llm.count_tokens)
         cap = cfg.max_chunks_per_document or len(parts)
         chunks[doc_id] = parts[:cap]
-        left_out += len(parts) - len(chunks[doc_id])
+        left_out[doc_id] = len(parts) - len(chunks[doc_id])
     return chunks, left_out
 
 
@@ -199,11 +204,11 @@ def _level0(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
 
 
 def _recurse(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
-             levels: Levels) -> list[int]:
-    """Merge levels until every instruction fits its budget (or is cut); returns the number
-    of chats per level >= 1. Marks the final summaries."""
+             levels: Levels) -> None:
+    """Merge levels until every instruction fits its budget (or is cut); marks the final
+    summaries."""
     marker = llm.count_tokens([NOTE_MARKER])[0]
-    active, calls = list(levels), []
+    active, merged_levels = list(levels), 0
     while active:
         plans: dict[str, list[list[Summary]]] = {}
         for iid in active:
@@ -219,16 +224,15 @@ def _recurse(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
                 row.final = row.kept
         if not plans:
             break
-        level = len(calls) + 1
+        merged_levels += 1
+        level = merged_levels
         merges = [g for groups in plans.values() for g in groups if len(g) > 1]
-        calls.append(len(merges))
         answers = iter(_complete(cfg, llm, seed, level, [
             merge_prompt(texts[g[0].instruction_id], [r.summary for r in g]) for g in merges]))
         for iid, groups in plans.items():
             levels[iid].append([_merged(iid, level, pos, g, answers)
                                 for pos, g in enumerate(groups)])
         active = list(plans)
-    return calls
 
 
 def _merged(iid: str, level: int, position: int, group: list[Summary],
@@ -243,24 +247,48 @@ def _merged(iid: str, level: int, position: int, group: list[Summary],
                    kept=reason is None, reason=reason)
 
 
-def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, *, instructions: str | Path,
-              retrieved: str | Path, docs: str | Path, summaries: str | Path,
-              metrics: str | Path) -> dict:
-    """Summarize every retrieved document of every instruction with respect to it, level by
-    level, into `summaries` (every summary of every level) and the stats into `metrics`;
-    returns the stats."""
+def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, *, shard: Shard, params: str,
+              instructions: str | Path, retrieved: str | Path, docs: str | Path,
+              part: str | Path) -> int:
+    """Summarize every retrieved document of every instruction of `shard` with respect to
+    it, level by level, and write every summary of every level to `part`; returns the number
+    of rows."""
     texts, ranked = _read_inputs(Path(instructions), Path(retrieved))
+    check_count(shard, len(texts), "shards.summarize", "instructions")
+    ranked = {iid: ids for iid, ids in ranked.items() if shard.owns(iid)}
     doc_ids = list(dict.fromkeys(d for ids in ranked.values() for d in ids))
     documents = read_documents(docs, doc_ids)
     _check_window(cfg, llm, [texts[iid] for iid in ranked])
     chunks, left_out = _chunk_documents(cfg, llm, documents, doc_ids)
 
     levels = _level0(cfg, llm, seed, texts, ranked, chunks)
-    calls = [sum(len(levels[iid][0]) for iid in levels)] + _recurse(cfg, llm, seed, texts, levels)
-    rows = [row for iid in texts for level in levels.get(iid, []) for row in level]
-    write_table(summaries, [asdict(r) for r in rows], SCHEMA)
-    stats = _stats(cfg, llm, rows, calls, len(texts), len(doc_ids),
-                   sum(map(len, chunks.values())), left_out)
+    _recurse(cfg, llm, seed, texts, levels)
+    rows = [asdict(row) for iid in texts for level in levels.get(iid, []) for row in level]
+    context = {
+        "chunk_tokens": cfg.chunk_tokens, "budget_tokens": cfg.budget_tokens,
+        "max_levels": cfg.max_levels,
+        "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                     "top_p": cfg.top_p},
+        "templates": {"qfs": VERSIONS["qfs"], "merge": VERSIONS["merge"]},
+        "model": repro.fingerprint(llm.identity),
+    }
+    reads_left_out = sum(left_out[d] for ids in ranked.values() for d in ids)
+    write_part(part, rows, SCHEMA, shard, params=params, context=context,
+               counters={"chunk_reads_left_out": reads_left_out})
+    log.info("summarize %s: %d instructions, %d summaries", shard.name, len(ranked), len(rows))
+    return len(rows)
+
+
+def gather_summaries(*, params: str, instructions: str | Path, parts: list[Path],
+                     summaries: str | Path, metrics: str | Path) -> dict:
+    """The shards' summaries, in instruction order, to `summaries`, and the stats of all of
+    them to `metrics`; returns the stats."""
+    order = list(read_instructions(instructions))
+    got = read_parts(parts, SCHEMA, params, key="instruction_id", order=order,
+                     rerun="summarize")
+    write_table(summaries, got.rows, SCHEMA)
+    stats = _stats([Summary(**row) for row in got.rows], len(order),
+                   got.counters["chunk_reads_left_out"], got.context)
     repro.write_json(metrics, stats)
     log.info("summarize: %d summaries over %d levels, %d final; %d instructions without any",
              stats["summaries"], stats["levels"], stats["final_summaries"],
@@ -268,26 +296,29 @@ def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, *, instructions: str | 
     return stats
 
 
-def _stats(cfg: SummarizeConfig, llm: LLM, rows: list[Summary], calls: list[int],
-           instructions: int, documents: int, chunks: int, left_out: int) -> dict:
-    """Counts of everything made and dropped, by level and reason; no timings, no cache hits
-    (a rerun on a warm cache writes the same bytes)."""
+def _stats(rows: list[Summary], instructions: int, reads_left_out: int,
+           context: dict) -> dict:
+    """Counts of everything made and dropped, by level and reason, from the rows alone (so
+    any shard count gives the same); no timings, no cache hits (a rerun on a warm cache
+    writes the same bytes)."""
     final = [r.n_tokens for r in rows if r.final]
     levels = max((r.level for r in rows), default=-1) + 1
     per_level = []
     for level in range(levels):
         at = [r for r in rows if r.level == level]
         per_level.append({
-            "level": level, "calls": calls[level], "summaries": len(at),
-            "kept": sum(r.kept for r in at), "dropped": count_reasons([r.reason for r in at],
-                                                                     REASONS),
+            "level": level, "calls": sum(r.finish_reason != "carried" for r in at),
+            "summaries": len(at), "kept": sum(r.kept for r in at),
+            "dropped": count_reasons([r.reason for r in at], REASONS),
             "carried": sum(r.finish_reason == "carried" for r in at),
             "truncated": sum(r.finish_reason == "length" for r in at),
         })
+    read = [r for r in rows if r.level == 0]
     lost = [r for r in rows if r.level > 0 and r.reason not in (None, "over_budget")]
     return {
-        "instructions": instructions, "documents": documents, "chunks": chunks,
-        "chunks_left_out": left_out, "summaries": len(rows), "levels": levels,
+        "instructions": instructions, "documents": len({r.doc_id for r in read}),
+        "chunks": len({(r.doc_id, r.chunk) for r in read}),
+        "chunk_reads_left_out": reads_left_out, "summaries": len(rows), "levels": levels,
         "per_level": per_level, "dropped": count_reasons([r.reason for r in rows], REASONS),
         "truncated": sum(r.finish_reason == "length" for r in rows),
         "carried": sum(r.finish_reason == "carried" for r in rows),
@@ -297,10 +328,5 @@ def _stats(cfg: SummarizeConfig, llm: LLM, rows: list[Summary], calls: list[int]
         "final_tokens": mean_max(final),
         "instructions_without_summaries": instructions - len({r.instruction_id for r in rows
                                                                if r.final}),
-        "chunk_tokens": cfg.chunk_tokens, "budget_tokens": cfg.budget_tokens,
-        "max_levels": cfg.max_levels,
-        "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                     "top_p": cfg.top_p},
-        "templates": {"qfs": VERSIONS["qfs"], "merge": VERSIONS["merge"]},
-        "model": repro.fingerprint(llm.identity),
+        **context,
     }

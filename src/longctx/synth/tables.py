@@ -78,9 +78,10 @@ def read_documents(docs_path: str | Path, ids: list[str] | None = None) -> dict[
 
 
 @contextmanager
-def open_llm(cfg: LLMConfig, base_model_dir: str | Path) -> Iterator[LLM]:
-    """The configured generator behind the call cache; logs the step's call totals."""
-    llm = make_llm(cfg, Path(base_model_dir))
+def open_llm(cfg: LLMConfig, base_model_dir: str | Path, job: str) -> Iterator[LLM]:
+    """The configured generator behind the call cache of `job` (a file of its own:
+    $LONGCTX_CACHE/llm/<job>.sqlite); logs the job's call totals."""
+    llm = make_llm(cfg, Path(base_model_dir), repro.cache_root() / "llm" / f"{job}.sqlite")
     try:
         yield llm
     finally:
