@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-tflops", type=float, default=r.gpu_tflops, help="dense bf16 TFLOP/s "
                    "of one GPU (default %(default)s: H100/H200 SXM, NVIDIA's datasheet)")
     p.add_argument("--mfu", type=float, default=r.mfu, help="share of it training reaches "
-                   "(default %(default)s: a plain HF step on one H200 measured 274-277 TFLOP/s "
-                   "by these formulas, REFERENCE.md; torchtitan's 8B at 256K with context "
-                   "parallelism is ~0.14)")
+                   "(default %(default)s: a plain HF step on one H200 measured 274-277 TFLOP/s, "
+                   "REFERENCE.md, counted without the output projection; torchtitan's 8B at "
+                   "256K with context parallelism is ~0.14)")
     p.add_argument("--embed-docs-per-s", type=float, default=r.embed_docs_per_s,
                    help="documents/s per GPU of E5-Mistral-7B at 512 tokens, scaled to the "
                    "embedder by parameters x tokens (default %(default)s: ~60 per H100, "
