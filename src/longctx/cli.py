@@ -273,6 +273,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(f"{path}: ok")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from longctx.costs_table import plan_command
+
+    plan_command(args)
+
+
 def cmd_schema(args: argparse.Namespace) -> None:
     from longctx.config import json_schema_text
 
@@ -387,6 +393,13 @@ def _add_maintenance(add) -> None:
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--no-files", action="store_true", help="check keys and values only, not "
                    "that the files the params name are there (a profile for another machine)")
+
+    from longctx.costs_table import HELP, add_arguments  # light: no torch, faiss or pandas
+
+    p = add("plan", cmd_plan, "what a profile costs (jobs, LLM calls, tokens, bytes, FLOPs, "
+            "GPU-hours) and whether it can work, before anything runs")
+    p.epilog, p.formatter_class = HELP, argparse.RawDescriptionHelpFormatter
+    add_arguments(p)
 
     p = add("schema", cmd_schema, "write the JSON schema of params files (for editors)")
     p.add_argument("--out", type=Path, default=Path("workflow/schemas/params.schema.json"))

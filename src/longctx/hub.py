@@ -40,15 +40,25 @@ def hub_snapshot(model: str, key: str) -> Path:
     key in errors."""
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception:
-        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-            raise LongctxError(
-                f"{key}: {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
-                "is set"
-            ) from None
+    cached = cached_snapshot(model)
+    if cached is not None:
+        return cached
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise LongctxError(
+            f"{key}: {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        )
     try:
         return Path(snapshot_download(model))
     except Exception as exc:
         raise LongctxError(f"{key}: cannot fetch {model!r}: {exc}") from None
+
+
+def cached_snapshot(model: str) -> Path | None:
+    """The local snapshot of hub id `model`, or None: never downloads, whatever the
+    environment says (`longctx plan` reads model sizes before anything runs)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:
+        return None

@@ -113,6 +113,12 @@ def seed_chunk(text: str, rng: random.Random, max_tokens: int, count: Counter) -
     return split_chunks(window, max_tokens, count)[0]
 
 
+def round_prompts(cfg: InstructionsConfig, missing: int) -> int:
+    """Prompts of a round that still misses `missing` instructions: enough for them if 2 of
+    every 3 candidates survive the filters (`longctx plan` predicts the first round by it)."""
+    return max(1, -(-3 * missing // (2 * cfg.per_prompt)))
+
+
 @dataclass
 class Candidate:
     text: str
@@ -218,7 +224,7 @@ def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, *, docs:
     finish: list[str] = []
     unparseable = rounds = 0
     while rounds < cfg.max_rounds and len(kept) < cfg.count:
-        n_prompts = max(1, -(-3 * (cfg.count - len(kept)) // (2 * cfg.per_prompt)))
+        n_prompts = round_prompts(cfg, cfg.count - len(kept))
         new, reasons, bad = _round(rounds, cfg, llm, seed, docs, ids, n_prompts)
         _filter_round(new, cfg, dedup, kept)
         cands += new
