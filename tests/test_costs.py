@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from retrieval_data import write_topic_docs
-from synth_data import scripted_llm
+from synth_data import run_sharded, scripted_llm
 
 from longctx.cli import main
 from longctx.config import load_params, validate_params
@@ -167,7 +167,7 @@ def test_micro_instruction_prompts_are_what_the_step_sends(tmp_path):
 def test_micro_respond_calls_are_one_per_instruction(tmp_path):
     import pyarrow as pa
 
-    from longctx.synth.respond import respond
+    from longctx.synth.respond import gather_responses, respond
     from longctx.synth.tables import write_table
 
     params, rows = micro_rows()
@@ -179,8 +179,8 @@ def test_micro_respond_calls_are_one_per_instruction(tmp_path):
          "final": True} for i in ids], pa.schema([
             ("instruction_id", pa.string()), ("level", pa.int32()), ("position", pa.int32()),
             ("summary", pa.large_string()), ("kept", pa.bool_()), ("final", pa.bool_())]))
-    stats = respond(params.respond, scripted_llm(lambda m: "An answer of several words."),
-                    params.seed, instructions=tmp_path / "ins.parquet",
-                    summaries=tmp_path / "sum.parquet", responses=tmp_path / "r.parquet",
-                    metrics=tmp_path / "r.json")
+    stats = run_sharded(respond, gather_responses, params.respond,
+                        scripted_llm(lambda m: "An answer of several words."), params.seed,
+                        instructions=tmp_path / "ins.parquet", summaries=tmp_path / "sum.parquet",
+                        responses=tmp_path / "r.parquet", metrics=tmp_path / "r.json")
     assert stats["called"] == rows["respond"].calls == params.instructions.count
