@@ -263,6 +263,7 @@ def test_a_refused_replica_hands_its_calls_to_the_others_at_once(fake):
     assert [o.text for o in outs] == [f"q{i}"[::-1] for i in range(8)]
     assert time.perf_counter() - t0 < 3 and live.requests == 8
     assert backend.replicas.served == [0, 8]
+    assert list(backend.replicas.down()) == [dead]
 
 
 def test_a_replica_that_hangs_up_mid_request_hands_its_calls_on(fake):

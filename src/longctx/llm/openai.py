@@ -106,6 +106,12 @@ class Replicas:
             log.warning("llm.base_url %s is down (%s); %d of %d replicas left for %.0fs",
                         self.urls[i], why, left, len(self.urls), self.dead_s)
 
+    def down(self) -> dict[str, str]:
+        """The replicas skipped now, each with why."""
+        with self._lock:
+            live = set(self._live())
+            return {u: w for j, (u, w) in enumerate(zip(self.urls, self._why)) if j not in live}
+
     def others_live(self, i: int) -> bool:
         with self._lock:
             return any(j != i for j in self._live())
