@@ -145,6 +145,18 @@ def backend(urls, model_dir, **kwargs):
     return OpenAIBackend(urls, str(model_dir), **kwargs)
 
 
+def test_longctx_serve_runs_transformers_serve_as_the_hf_backend_would(tmp_path, capsys):
+    from longctx.cli import main, serve_argv
+
+    argv = serve_argv(Path("models/base"), "127.0.0.1", 8001, "cpu", "auto", ["--compile"])
+    assert argv[argv.index("serve"):] == [
+        "serve", "models/base", "--device", "cpu", "--dtype", "float32",  # not the bf16 weights
+        "--host", "127.0.0.1", "--port", "8001", "--compile"]
+    assert Path(argv[0]).name == "transformers" or argv[:2] == [sys.executable, "-c"]
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
+    assert "missing: no model directory (run `snakemake models/base`)" in capsys.readouterr().err
+
+
 def test_the_official_client_gets_chat_streaming_and_completions_with_usage(cluster,
                                                                           bundled_model_dir):
     openai = pytest.importorskip("openai")
