@@ -173,6 +173,14 @@ RULES = [
      ("index.train_size: 100 is below 2**index.pq_bits = 256 (PQ needs at least that many "
      "training vectors)")),
     ({"llm": {"backend": "openai"}}, "llm.base_url: required when llm.backend is 'openai'"),
+    ({"llm": {"backend": "openai", "base_url": []}}, "llm.base_url: an empty list names no server"),
+    ({"llm": {"base_url": "localhost:8000/v1"}},
+     "llm.base_url: 'localhost:8000/v1' is not an http(s) URL (e.g. http://localhost:8000/v1)"),
+    ({"llm": {"base_url": ["http://a:8000/v1", "ftp://b/v1"]}},
+     "llm.base_url[1]: 'ftp://b/v1' is not an http(s) URL (e.g. http://localhost:8000/v1)"),
+    ({"llm": {"base_url": ["http://a:8000/v1", "http://a:8000/v1/"]}},
+     "llm.base_url[1]: 'http://a:8000/v1/' is listed twice"),
+    ({"llm": {"base_url": 8000}}, "llm.base_url: expected a URL or a list of URLs, got 8000"),
     ({"lmeval": {"tasks": ["longctx_cloze", "ifeval", "longctx_cloze"]}},
      "lmeval.tasks[2]: 'longctx_cloze' is listed twice"),
     ({"lmeval": {"tasks": ["longctx_clozes"]}},
@@ -207,6 +215,10 @@ def test_rules_hold_at_their_edges():
     validate_params({"stages": {"schedule": [{"length": 4096, "steps": 10, "sequences": 40}]},
                      "train": {"batch_size": 2, "grad_accum": 2}})
     validate_params({"index": {"type": "ivf_flat", "nlist": 64, "train_size": 64}})
+    replicas = validate_params({"llm": {"backend": "openai", "base_url": [
+        "http://10.0.0.1:8000/v1/", "https://gpu-2.cluster/v1"]}}).llm
+    assert replicas.base_urls == ["http://10.0.0.1:8000/v1", "https://gpu-2.cluster/v1"]
+    assert validate_params({"llm": {"base_url": "http://h/v1/"}}).llm.base_urls == ["http://h/v1"]
 
 
 WINDOW = {"llm": {"context_tokens": 1000},

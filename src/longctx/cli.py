@@ -253,13 +253,43 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(search_command(args.query, args.k, args.index, args.embeddings, args.docs))
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from longctx.llm.serve import serve_forever
+def serve_argv(model: Path, host: str, port: int, device: str, dtype: str,
+               extra: list[str]) -> list[str]:
+    """The `transformers serve` command line for a model dir, pinned to it (so a request's
+    `model` is the path as given: models/base, what llm.model 'base' sends), in the hf
+    backend's device and dtype (auto: bfloat16 on GPU, float32 on CPU, not the checkpoint's
+    bfloat16), so `openai` through it decodes as `hf` does."""
+    from longctx.hub import resolve_device
+    from longctx.llm.hf import resolve_dtype
 
+    device = resolve_device(device)
+    exe = Path(sys.executable).with_name("transformers")  # the console script of this venv
+    head = [str(exe)] if exe.is_file() else [
+        sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
+    return [*head, "serve", str(model), "--device", device, "--dtype",
+            resolve_dtype(dtype, device), "--host", host, "--port", str(port), *extra]
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Replace this process with `transformers serve` (no home-made server): the real
+    OpenAI-compatible endpoints (chat with streaming, completions, usage) of the same
+    transformers the project pins; one process per replica."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai")):
+        raise LongctxError("longctx serve runs `transformers serve`, which needs its serving "
+                           "extra: pip install 'longctx[serve]'")
+    if not args.model.is_dir():
+        raise LongctxError(f"{args.model}: no model directory (run `snakemake models/base`)")
     llm = _params(args).llm
-    serve_forever(args.model, args.host, args.port, model_name=args.name,
-                  api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
-                  device=llm.device, dtype=llm.dtype, context_tokens=llm.context_tokens)
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    argv = serve_argv(args.model, args.host, args.port, llm.device, llm.dtype, extra)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local dir: nothing to download
+    os.environ.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")  # no PyPI call at start
+    log.info("serve: %s", " ".join(["transformers", *argv[argv.index("serve"):]]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -376,14 +406,14 @@ def _add_inspection(add) -> None:
     p.add_argument("--embeddings", type=Path, default=Path("data/embeddings"))
     p.add_argument("--docs", type=Path, default=Path("data/corpus/docs.parquet"))
 
-    p = add("serve", cmd_serve, "serve a model dir on an OpenAI-compatible endpoint "
-            "(/v1/chat/completions), e.g. for llm.backend: openai")
+    p = add("serve", cmd_serve, "serve a model dir on an OpenAI-compatible endpoint with "
+            "`transformers serve` (its device and dtype from the llm section), e.g. one "
+            "replica of llm.base_url for llm.backend: openai")
     p.add_argument("--model", type=Path, default=Path("models/base"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", default="base", help="model name clients ask for")
-    p.add_argument("--api-key-env", default=None,
-                   help="NAME of an environment variable whose value clients must send")
+    p.add_argument("extra", nargs=argparse.REMAINDER,
+                   help="more `transformers serve` flags, after -- (e.g. -- --continuous-batching)")
 
 
 def _add_maintenance(add) -> None:

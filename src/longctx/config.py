@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -185,6 +186,40 @@ class IndexConfig(Section):
         return self
 
 
+def _check_url(key: str, url: Any) -> None:
+    """A typo like `localhost:8000/v1` (no scheme) would otherwise fail at the first call."""
+    if not isinstance(url, str):
+        raise RuleError(key, f"expected a URL string, got {url!r}"[:80])
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in url):
+        raise RuleError(key, f"{url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
+
+
+def _base_url_value(value: Any) -> Any:
+    """llm.base_url: None, one URL or a non-empty list of distinct URLs, checked before the
+    union is tried, so a mistake reads as one reason, not one per member of `str | list`."""
+    if value is None or isinstance(value, str):
+        if value is not None:
+            _check_url("", value)
+        return value
+    if not isinstance(value, list):
+        raise RuleError("", f"expected a URL or a list of URLs, got {value!r}"[:80])
+    if not value:
+        raise RuleError("", "an empty list names no server")
+    seen: set[str] = set()
+    for i, url in enumerate(value):
+        _check_url(f"[{i}]", url)
+        if url.rstrip("/") in seen:
+            raise RuleError(f"[{i}]", f"{url!r} is listed twice")
+        seen.add(url.rstrip("/"))
+    return value
+
+
+_URL = Annotated[str, Field(pattern=r"^https?://\S+$")]  # the pattern is for the JSON schema
+BaseURL = Annotated[_URL | Annotated[list[_URL], Field(min_length=1)] | None,
+                    BeforeValidator(_base_url_value)]
+
+
 class LLMConfig(Section):
     backend: Literal["hf", "openai", "vllm"] = Field(
         default="hf",
@@ -196,8 +231,10 @@ class LLMConfig(Section):
         description="'base' (models/base, the short-context model itself), a hub id or local "
         "dir (hf, vllm), or the served model name (openai)",
     )
-    base_url: str | None = Field(
-        default=None, description="openai: the server's base URL, e.g. http://localhost:8000/v1"
+    base_url: BaseURL = Field(
+        default=None,
+        description="openai: the server's base URL, e.g. http://localhost:8000/v1, or a list of "
+        "replicas serving the same model (calls go to the least busy live one)",
     )
     api_key_env: str = Field(
         default="OPENAI_API_KEY",
@@ -228,6 +265,12 @@ class LLMConfig(Section):
         if self.backend == "openai" and self.base_url is None:
             raise RuleError("base_url", "required when llm.backend is 'openai'")
         return self
+
+    @property
+    def base_urls(self) -> list[str]:
+        """base_url as a list (one string is a list of one), without trailing slashes."""
+        urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url or []
+        return [u.rstrip("/") for u in urls]
 
 
 def _ordered(section: Section, low: str, high: str) -> Section:

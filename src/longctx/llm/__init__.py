@@ -40,11 +40,24 @@ def make_backend(cfg: LLMConfig, base_model_dir: Path) -> Backend:
         return VLLMBackend(_model_path(cfg, base_model_dir), dtype=cfg.dtype,
                            context_tokens=cfg.context_tokens,
                            trust_remote_code=cfg.trust_remote_code)
+    return _openai_backend(cfg, base_model_dir)
+
+
+def _openai_backend(cfg: LLMConfig, base_model_dir: Path) -> Backend:
+    """openai: llm.model 'base' asks for the model dir by its path, the name a server pinned
+    with `transformers serve models/base` (what `longctx serve` runs) or `vllm serve
+    models/base` answers to, and is identified by its file hashes, not by that name."""
     from longctx.llm.openai import OpenAIBackend
 
-    return OpenAIBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
-                         max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries,
-                         timeout_s=cfg.timeout_s)
+    model, model_identity = cfg.model, None
+    if cfg.model == "base":
+        from longctx.llm.hf import resolve_model
+
+        model = str(base_model_dir)
+        model_identity = resolve_model(model)[1]
+    return OpenAIBackend(cfg.base_urls, model, model_identity=model_identity,
+                         api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
+                         max_retries=cfg.max_retries, timeout_s=cfg.timeout_s)
 
 
 def _base_tokenizer_counter(base_model_dir: Path):
