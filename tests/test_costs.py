@@ -89,8 +89,15 @@ TINY = dict(model_type="llama", hidden_size=8, num_hidden_layers=2, num_attentio
 EMBED = dict(TINY, hidden_size=16, head_dim=8)
 
 
-def hand_plan(window: int = 8192):
+def test_a_sharded_step_counts_its_shard_jobs_and_the_gather():
+    rows = {r.step: r for r in hand_plan(shards={"default": 3, "respond": 5}).rows}
+    assert (rows["summarize"].jobs, rows["respond"].jobs, rows["long_output"].jobs) == (4, 6, 4)
+    assert rows["embed"].jobs == rows["index"].jobs == 1
+
+
+def hand_plan(window: int = 8192, shards: dict | None = None):
     params = validate_params({
+        "shards": shards or {},
         "retrieve": {"top_k": 8},
         "instructions": {"count": 4, "per_prompt": 2},
         "summarize": {"chunk_tokens": 512, "budget_tokens": 64, "max_new_tokens": 32},

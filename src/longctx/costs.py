@@ -89,8 +89,11 @@ class Models:
 
 
 def jobs(params: Params, section: str) -> int:
-    """Jobs of a step: its section's `shards` once the rules scatter, else one."""
-    return int(getattr(getattr(params, section), "shards", 1) or 1)
+    """Jobs of a step: a sharded step's shard jobs (`shards:`) plus the one that gathers
+    them, else one."""
+    if section in type(params.shards).model_fields and section != "default":
+        return params.shards.of(section) + 1
+    return 1
 
 
 def prompt_tokens(chat: list[dict]) -> int:
