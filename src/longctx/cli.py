@@ -303,10 +303,17 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(f"{path}: ok")
 
 
-def cmd_plan(args: argparse.Namespace) -> None:
-    from longctx.costs_table import plan_command
+PLAN_HELP = ("what a profile costs (jobs, LLM calls, tokens, bytes, FLOPs, GPU-hours) and "
+             "whether it can work, before anything runs")
 
-    plan_command(args)
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from longctx.costs_table import HELP, add_arguments, plan_command
+
+    parser = argparse.ArgumentParser(prog="longctx plan", description=PLAN_HELP, epilog=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    plan_command(parser.parse_args(args.plan_args, argparse.Namespace(params=args.params)))
 
 
 def cmd_schema(args: argparse.Namespace) -> None:
@@ -365,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def add(name: str, func, help: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kwargs)
         p.set_defaults(func=func)
         return p
 
@@ -424,12 +431,9 @@ def _add_maintenance(add) -> None:
     p.add_argument("--no-files", action="store_true", help="check keys and values only, not "
                    "that the files the params name are there (a profile for another machine)")
 
-    from longctx.costs_table import HELP, add_arguments  # light: no torch, faiss or pandas
-
-    p = add("plan", cmd_plan, "what a profile costs (jobs, LLM calls, tokens, bytes, FLOPs, "
-            "GPU-hours) and whether it can work, before anything runs")
-    p.epilog, p.formatter_class = HELP, argparse.RawDescriptionHelpFormatter
-    add_arguments(p)
+    # plan's own flags are parsed by cmd_plan: building them here would load the costs
+    # modules into every step's process, outside the steps' code inputs
+    add("plan", cmd_plan, PLAN_HELP, add_help=False)
 
     p = add("schema", cmd_schema, "write the JSON schema of params files (for editors)")
     p.add_argument("--out", type=Path, default=Path("workflow/schemas/params.schema.json"))
@@ -447,7 +451,10 @@ def _add_maintenance(add) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, args.plan_args = parser.parse_known_args(argv)  # plan parses its own (cmd_plan)
+    if args.plan_args and args.command != "plan":
+        parser.error(f"unrecognized arguments: {' '.join(args.plan_args)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under a launcher
     file = logs.setup(args.verbose, args.log)
     try:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from longctx.config import WINDOW_RULES, Params
 from longctx.costs_models import Corpus, Shape
 from longctx.errors import LongctxError, RuleError
-from longctx.synth import prompts
 
 CHARS_PER_TOKEN = 4  # English text, the common rule of thumb (OpenAI's tokenizer guide)
 TEMPLATE_MARGIN = 32  # chat-template tokens around a prompt (synth.summarize's margin)
@@ -108,6 +107,8 @@ def _instruction(params: Params) -> str:
 
 def overheads(params: Params) -> dict[str, int]:
     """Prompt tokens around what each WINDOW_RULES key holds (chunk, summaries, excerpt)."""
+    from longctx.synth import prompts  # lazy: `longctx --help` builds the plan parser
+
     inst = _instruction(params)
     per_note = NOTE_MARKER_TOKENS
     return {
@@ -191,6 +192,7 @@ def _llm_row(params: Params, llm: Shape, rates: Rates, step: str, what: str, cal
 def synthesis(params: Params, corpus: Corpus, llm: Shape, rates: Rates
               ) -> tuple[list[Row], Synthesis]:
     """The LLM steps: calls (one per prompt), tokens in (estimated) and out (at most)."""
+    from longctx.synth import prompts
     from longctx.synth.instructions import round_prompts
 
     p, inst = params, _instruction(params)
@@ -220,6 +222,8 @@ def _summarize(params: Params, corpus: Corpus, llm: Shape, rates: Rates, count: 
                inst: str) -> tuple[list[Row], int, float, int]:
     """Level 0 (every instruction x top_k documents x chunks) and the merge levels."""
     import numpy as np
+
+    from longctx.synth import prompts
 
     cfg, k = params.summarize, params.retrieve.top_k
     cap = cfg.max_chunks_per_document or 10**9
