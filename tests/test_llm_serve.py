@@ -168,7 +168,8 @@ def test_the_official_client_gets_chat_streaming_and_completions_with_usage(clus
     assert "Paris" in chat.choices[0].message.content and chat.usage.completion_tokens <= 8
     parts, usage = [], None
     for chunk in client.chat.completions.create(model=model, messages=user(QUESTIONS[0]),
-                                                max_tokens=8, temperature=0, stream=True):
+                                                max_tokens=8, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}):
         parts += [c.delta.content or "" for c in chunk.choices]
         usage = chunk.usage or usage
     assert "".join(parts) == chat.choices[0].message.content  # greedy: the same text
