@@ -684,6 +684,72 @@ class LmevalConfig(Section):
         return self
 
 
+# Every rule of the DAG (workflow/rules/*.smk), the keys cluster.rules may name; a test holds
+# this list to the rules the .smk files define.
+CLUSTER_RULES = (
+    "base_model", "corpus", "embed", "index", "instructions", "retrieve", "summarize",
+    "respond", "long_output", "pack", "train_stage", "niah_samples", "ruler_samples",
+    "eval_niah", "eval_ruler", "eval_lmeval", "report",
+)
+
+
+class ClusterJob(Section):
+    """What one rule's jobs ask a cluster for; unset keys fall back to the section's own."""
+
+    cpus: PositiveInt | None = Field(default=None, description="CPUs per job (cpus_per_task)")
+    mem_mb: PositiveInt | None = Field(default=None, description="memory per job, MB")
+    runtime_min: PositiveInt | None = Field(default=None, description="time limit, minutes")
+    gpus: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="GPUs per job (default: from the step's device and backend; "
+        "train_stage: train.processes)"
+    )
+    partition: str | None = Field(
+        default=None, description="partition (default: gpu_partition for a GPU job, else "
+        "cpu_partition)"
+    )
+
+
+class ClusterConfig(Section):
+    """Jobs on a cluster (`snakemake --workflow-profile workflow/profiles/slurm`): each rule's
+    resources. Read when the DAG is built, by no step, so changing it reruns nothing."""
+
+    cpu_partition: str = Field(default="cpu", description="partition of CPU jobs")
+    gpu_partition: str = Field(default="gpu", description="partition of GPU jobs")
+    gpu_model: str | None = Field(
+        default=None, description="GPU model for GPU jobs (sbatch --gpus=MODEL:N), e.g. a100"
+    )
+    cpus: PositiveInt = Field(default=4, description="CPUs per job, unless the rule says")
+    mem_mb: PositiveInt = Field(default=16000, description="memory per job (MB), unless the "
+                                "rule says")
+    runtime_min: PositiveInt = Field(default=240, description="time limit per job (minutes), "
+                                     "unless the rule says")
+    signal_margin_s: PositiveInt = Field(
+        default=300, description="train_stage: SIGUSR1 this many seconds before the time limit "
+        "(sbatch --signal), so training saves a checkpoint and a retry resumes from it"
+    )
+    rules: dict[str, ClusterJob] = Field(
+        default_factory=dict, description=f"per-rule overrides, by rule name "
+        f"({', '.join(CLUSTER_RULES)})"
+    )
+
+    @model_validator(mode="after")
+    def _known_rules(self) -> ClusterConfig:
+        """A misspelt rule name would silently leave that rule on the defaults."""
+        for name in self.rules:
+            if name not in CLUSTER_RULES:
+                raise RuleError(f"rules.{name}",
+                                f"no such rule (rules: {', '.join(CLUSTER_RULES)})")
+        return self
+
+    def job(self, rule: str) -> ClusterJob:
+        """The rule's resources, every key filled (gpus stays None: derived from params)."""
+        given = self.rules.get(rule, ClusterJob())
+        return given.model_copy(update={
+            "cpus": given.cpus or self.cpus, "mem_mb": given.mem_mb or self.mem_mb,
+            "runtime_min": given.runtime_min or self.runtime_min,
+        })
+
+
 # Prompts that must fit the generator's window: (input key, generated key); the prompt's own
 # tokens come on top, which the steps count exactly when they run (e.g. summarize).
 WINDOW_RULES = [
@@ -774,6 +840,7 @@ class Params(Section):
     ruler: RulerConfig = Field(default_factory=RulerConfig)
     lmeval: LmevalConfig = Field(default_factory=LmevalConfig)
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
