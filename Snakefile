@@ -5,6 +5,10 @@ from longctx.workflow import check_params, exit_on_refusal
 exit_on_refusal(check_params, "params.yaml")  # before Snakemake reads it: bad YAML in one line
 configfile: "params.yaml"
 
+from longctx.workflow import keep_running_on_usr1
+
+keep_running_on_usr1(workflow)  # in a cluster job: SLURM's checkpoint signal is for training
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/corpus.smk"

@@ -10,11 +10,12 @@ import pytest
 import yaml
 
 from longctx.cli import main
+from longctx.config import CLUSTER_RULES
 from longctx.dvc_export import export_dvc_yaml
 from longctx.errors import LongctxError
 from longctx.logs import AboveProgressBars
 from longctx.steps import STEPS
-from longctx.workflow import check_no_overrides, step_command
+from longctx.workflow import check_no_overrides, job_resources, job_threads, step_command
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,47 @@ def test_a_step_writes_its_log_lines_and_its_error_to_the_log_file(tmp_path):
     assert proc.stderr.strip().splitlines() == [error]  # once on screen
     lines = log.read_text().splitlines()
     assert len(lines) == 1 and lines[0].endswith(f"longctx: {error}"), lines
+
+
+def test_the_cluster_section_names_exactly_the_rules_of_the_dag(root):
+    """cluster.rules keys are checked against CLUSTER_RULES: a rule missing there could not be
+    sized, a name left there after a rename would be accepted and size nothing."""
+    text = "".join(path.read_text() for path in sorted((root / "workflow" / "rules").glob("*.smk")))
+    defined = set(re.findall(r"^rule (\w+):", text, re.M))
+    assert defined == set(CLUSTER_RULES)
+
+
+def test_a_rules_cluster_job_asks_for_the_gpus_its_step_runs_on():
+    on_gpu = {"llm": {"backend": "hf", "device": "cuda"}, "embed": {"device": "cuda"},
+              "train": {"device": "cuda", "processes": 4},
+              "cluster": {"gpu_model": "h100", "signal_margin_s": 120,
+                          "rules": {"summarize": {"mem_mb": 2000, "partition": "short"}}}}
+    shard = job_resources(on_gpu, "summarize_shard")
+    assert shard == {"cpus_per_task": 4, "mem_mb": 16000, "runtime": 240,
+                     "slurm_partition": "gpu", "gpu": 1, "gpu_model": "h100"}
+    gather = job_resources(on_gpu, "summarize")  # reads the shards' parts: a CPU job
+    assert gather == {"cpus_per_task": 4, "mem_mb": 2000, "runtime": 240,
+                      "slurm_partition": "short"}
+    train = job_resources(on_gpu, "train_stage")
+    assert train["gpu"] == 4 and train["slurm_extra"] == "--signal=USR1@120"
+    assert job_resources(on_gpu, "embed")["gpu"] == 1
+    assert "gpu" not in job_resources(on_gpu, "retrieve")  # its device is still auto
+    served = {"llm": {"backend": "openai", "base_url": "http://localhost:8000/v1"}}
+    assert "gpu" not in job_resources(served, "respond_shard")  # the server holds the GPU
+    assert job_resources({"cluster": {"rules": {"respond_shard": {"gpus": 2}}}},
+                         "respond_shard")["gpu"] == 2
+
+
+def test_a_rules_threads_are_its_cluster_cpus_on_a_cluster_and_cores_locally():
+    """Read while the Snakefile is parsed: under a cluster executor there is no --cores."""
+    from types import SimpleNamespace
+
+    def workflow(cores, remote=False):
+        return SimpleNamespace(resource_settings=SimpleNamespace(cores=cores), remote_exec=remote)
+
+    config = {"cluster": {"cpus": 3, "rules": {"respond_shard": {"cpus": 6}}}}
+    assert job_threads(workflow(8), config, "respond_shard") == 8  # an LLM step: every core
+    assert job_threads(workflow(8), config, "respond", local=1) == 1  # its gather
+    assert job_threads(workflow(None), config, "respond_shard") == 6
+    assert job_threads(workflow(None), config, "respond", local=1) == 3
+    assert job_threads(workflow(2, remote=True), config, "respond_shard") == 6  # in the job

@@ -687,9 +687,10 @@ class LmevalConfig(Section):
 # Every rule of the DAG (workflow/rules/*.smk), the keys cluster.rules may name; a test holds
 # this list to the rules the .smk files define.
 CLUSTER_RULES = (
-    "base_model", "corpus", "embed", "index", "instructions", "retrieve", "summarize",
-    "respond", "long_output", "pack", "train_stage", "niah_samples", "ruler_samples",
-    "eval_niah", "eval_ruler", "eval_lmeval", "report",
+    "base_model", "corpus", "embed", "index", "instructions", "retrieve", "summarize_shard",
+    "summarize", "respond_shard", "respond", "long_output_shard", "long_output", "pack",
+    "train_stage", "niah_samples", "ruler_samples", "eval_niah", "eval_ruler", "eval_lmeval",
+    "report",
 )
 
 

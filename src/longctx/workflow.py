@@ -260,3 +260,87 @@ def exit_on_refusal(check: Callable[..., None], *args: Any) -> None:
         check(*args)
     except LongctxError as exc:
         sys.exit(f"longctx: error: {exc}")
+
+
+# --------------------------------------------------------------------------- cluster jobs
+
+# the rules that run the generator (a sharded step's shard jobs; its gather only reads parts)
+LLM_RULES = {"instructions", "summarize_shard", "respond_shard", "long_output_shard"}
+EVAL_RULES = {"eval_niah", "eval_ruler", "eval_lmeval"}
+
+
+def _on_cluster(workflow: Any) -> bool:
+    """True where the rule's jobs run under a cluster executor: the submitting Snakemake has
+    no --cores, and inside a job Snakemake runs in remote mode (SLURM's jobstep and the step
+    it starts with srun). Known while the Snakefile is parsed, unlike the executor."""
+    return workflow.resource_settings.cores is None or workflow.remote_exec
+
+
+def job_threads(workflow: Any, config: dict[str, Any], rule: str, local: int | None = None) -> int:
+    """A rule's `threads:`. Locally `local`, or every core of `--cores` when None (an LLM
+    step, training, evaluation: one at a time, as `workflow.cores` did); on a cluster the
+    rule's `cluster` CPUs, the same number in the submitting Snakemake and in the job, so
+    the step's OMP_NUM_THREADS (Snakemake sets it from threads) is the allocation's."""
+    if _on_cluster(workflow):
+        from longctx.config import validate_params
+
+        return validate_params(config, "params.yaml").cluster.job(rule).cpus
+    return local if local is not None else workflow.resource_settings.cores
+
+
+def job_gpus(params: Any, rule: str) -> int:
+    """GPUs a rule's job needs, from what its step runs on: the embedder where its device is
+    cuda, the LLM steps under the in-process backends (hf, vllm) unless on the CPU, training
+    one per process, evaluation unless on the CPU; `cluster.rules.<rule>.gpus` overrides."""
+    given = params.cluster.job(rule).gpus
+    if given is not None:
+        return given
+    if rule in ("embed", "retrieve"):
+        return int(getattr(params, rule).device == "cuda")
+    if rule in LLM_RULES:
+        return int(params.llm.backend in ("hf", "vllm") and params.llm.device != "cpu")
+    if rule == "train_stage":
+        return 0 if params.train.device == "cpu" else params.train.processes
+    if rule in EVAL_RULES:
+        return int(params.eval.device != "cpu")
+    return 0
+
+
+def job_resources(config: dict[str, Any], rule: str) -> dict[str, Any]:
+    """A rule's `resources:`, in the keys snakemake-executor-plugin-slurm reads: CPUs,
+    memory, time limit and partition per rule from the `cluster` section, GPUs (`gpu`, and
+    `gpu_model` when set: sbatch --gpus=[MODEL:]N), and for training `--signal=USR1@margin`,
+    so a time limit first makes it save a checkpoint that the retry resumes from. Without
+    `B:`: that form signals only the batch shell, which dies of it and takes the job down;
+    this one reaches the processes of the job's step (see `keep_running_on_usr1`). Local
+    runs ignore every key but `gpu`, which `--resources gpu=N` can bound."""
+    from longctx.config import validate_params
+
+    params = validate_params(config, "params.yaml")
+    cluster, job = params.cluster, params.cluster.job(rule)
+    gpus = job_gpus(params, rule)
+    resources: dict[str, Any] = {
+        "cpus_per_task": job.cpus, "mem_mb": job.mem_mb, "runtime": job.runtime_min,
+        "slurm_partition": job.partition
+        or (cluster.gpu_partition if gpus else cluster.cpu_partition),
+    }
+    if gpus:
+        resources["gpu"] = gpus
+        if cluster.gpu_model:
+            resources["gpu_model"] = cluster.gpu_model
+    if rule == "train_stage":
+        resources["slurm_extra"] = f"--signal=USR1@{cluster.signal_margin_s}"
+    return resources
+
+
+def keep_running_on_usr1(workflow: Any) -> None:
+    """Inside a cluster job, let Snakemake outlive SIGUSR1. SLURM's `--signal=USR1@margin`
+    goes to every process of the job's step: the Snakemake that runs the rule and the step
+    under it (`longctx train`, which saves a checkpoint and goes on). Python's default for
+    SIGUSR1 is to die, and with Snakemake dead the job fails though training goes on. A
+    handler, not SIG_IGN: the step Snakemake starts gets the default back on exec, then its
+    own handler."""
+    import signal
+
+    if workflow.remote_exec:
+        signal.signal(signal.SIGUSR1, lambda *_: None)

@@ -6,6 +6,9 @@ rule base_model:
         model=directory("models/base"),
     params:
         **sections(config, "base_model"),
+    threads: job_threads(workflow, config, "base_model", local=1)
+    resources:
+        **job_resources(config, "base_model"),
     log:
         "logs/base_model.log",
     shell:
@@ -22,6 +25,9 @@ rule corpus:
         metrics="data/corpus/stats.json",
     params:
         **sections(config, "corpus"),
+    threads: job_threads(workflow, config, "corpus", local=1)
+    resources:
+        **job_resources(config, "corpus"),
     log:
         "logs/corpus.log",
     shell:

@@ -15,6 +15,9 @@ rule niah_samples:
         samples="data/eval/niah.parquet",
     params:
         **sections(config, "niah", "seed"),
+    threads: job_threads(workflow, config, "niah_samples", local=1)
+    resources:
+        **job_resources(config, "niah_samples"),
     log:
         "logs/niah_samples.log",
     shell:
@@ -31,6 +34,9 @@ rule ruler_samples:
         samples="data/eval/ruler.parquet",
     params:
         **sections(config, "ruler", "seed"),
+    threads: job_threads(workflow, config, "ruler_samples", local=1)
+    resources:
+        **job_resources(config, "ruler_samples"),
     log:
         "logs/ruler_samples.log",
     shell:
@@ -54,9 +60,9 @@ rule eval_niah:
         **sections(config, "eval"),
     wildcard_constraints:
         model=r"base|stage-\d+",
-    threads: workflow.cores
+    threads: job_threads(workflow, config, "eval_niah")
     resources:
-        gpu=1,
+        **job_resources(config, "eval_niah"),
     log:
         "logs/eval_niah/{model}.log",
     shell:
@@ -76,9 +82,9 @@ rule eval_ruler:
         **sections(config, "eval"),
     wildcard_constraints:
         model=r"base|stage-\d+",
-    threads: workflow.cores
+    threads: job_threads(workflow, config, "eval_ruler")
     resources:
-        gpu=1,
+        **job_resources(config, "eval_ruler"),
     log:
         "logs/eval_ruler/{model}.log",
     shell:
@@ -104,9 +110,9 @@ rule eval_lmeval:
         **sections(config, "lmeval", "eval", "seed"),
     wildcard_constraints:
         model=r"base|stage-\d+",
-    threads: workflow.cores
+    threads: job_threads(workflow, config, "eval_lmeval")
     resources:
-        gpu=1,
+        **job_resources(config, "eval_lmeval"),
     log:
         "logs/eval_lmeval/{model}.log",
     shell:
@@ -127,6 +133,9 @@ rule report:
         curves="results/eval/ruler_curve.tsv",
         plots=directory("results/plots"),
         report="results/report.html",
+    threads: job_threads(workflow, config, "report", local=1)
+    resources:
+        **job_resources(config, "report"),
     log:
         "logs/report.log",
     shell:

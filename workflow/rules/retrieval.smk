@@ -7,6 +7,9 @@ rule embed:
         embeddings=directory("data/embeddings"),
     params:
         **sections(config, "embed"),
+    threads: job_threads(workflow, config, "embed", local=1)
+    resources:
+        **job_resources(config, "embed"),
     log:
         "logs/embed.log",
     shell:
@@ -22,6 +25,9 @@ rule index:
         index=directory("data/index"),
     params:
         **sections(config, "index", "seed"),
+    threads: job_threads(workflow, config, "index", local=1)
+    resources:
+        **job_resources(config, "index"),
     log:
         "logs/index.log",
     shell:

@@ -1,7 +1,8 @@
 # The synthesis half: the short model writes instructions, reads what the retriever finds
 # through query-focused summaries, and answers. LLM steps take every core (one at a time).
 # summarize, respond and long_output scatter into shard jobs (`<rule>_shard`, one per
-# shards.<step>) that their own rule gathers into the table later steps read.
+# shards.<step>) that their own rule gathers into the table later steps read: the shard jobs
+# run the LLM (its cores and GPUs), the gather is a light CPU job.
 rule instructions:
     input:
         docs=rules.corpus.output.docs,
@@ -13,7 +14,9 @@ rule instructions:
         metrics="data/synth/instructions.json",
     params:
         **sections(config, "instructions", "llm", "seed"),
-    threads: workflow.cores
+    threads: job_threads(workflow, config, "instructions")
+    resources:
+        **job_resources(config, "instructions"),
     log:
         "logs/instructions.log",
     shell:
@@ -32,6 +35,9 @@ rule retrieve:
         metrics="data/synth/retrieved.json",
     params:
         **sections(config, "retrieve"),
+    threads: job_threads(workflow, config, "retrieve", local=1)
+    resources:
+        **job_resources(config, "retrieve"),
     log:
         "logs/retrieve.log",
     shell:
@@ -52,7 +58,9 @@ rule summarize_shard:
         **sections(config, "summarize", "llm", "seed"),
     wildcard_constraints:
         shard=r"\d+-of-\d+",
-    threads: workflow.cores
+    threads: job_threads(workflow, config, "summarize_shard")
+    resources:
+        **job_resources(config, "summarize_shard"),
     log:
         "logs/summarize/{shard}.log",
     shell:
@@ -69,6 +77,9 @@ rule summarize:
         metrics="data/synth/summaries.json",
     params:
         **sections(config, "summarize", "llm", "seed"),
+    threads: job_threads(workflow, config, "summarize", local=1)
+    resources:
+        **job_resources(config, "summarize"),
     log:
         "logs/summarize.log",
     shell:
@@ -88,7 +99,9 @@ rule respond_shard:
         **sections(config, "respond", "llm", "seed"),
     wildcard_constraints:
         shard=r"\d+-of-\d+",
-    threads: workflow.cores
+    threads: job_threads(workflow, config, "respond_shard")
+    resources:
+        **job_resources(config, "respond_shard"),
     log:
         "logs/respond/{shard}.log",
     shell:
@@ -105,6 +118,9 @@ rule respond:
         metrics="data/synth/responses.json",
     params:
         **sections(config, "respond", "llm", "seed"),
+    threads: job_threads(workflow, config, "respond", local=1)
+    resources:
+        **job_resources(config, "respond"),
     log:
         "logs/respond.log",
     shell:
@@ -123,7 +139,9 @@ rule long_output_shard:
         **sections(config, "long_output", "llm", "seed"),
     wildcard_constraints:
         shard=r"\d+-of-\d+",
-    threads: workflow.cores
+    threads: job_threads(workflow, config, "long_output_shard")
+    resources:
+        **job_resources(config, "long_output_shard"),
     log:
         "logs/long_output/{shard}.log",
     shell:
@@ -140,6 +158,9 @@ rule long_output:
         metrics="data/synth/long_output.json",
     params:
         **sections(config, "long_output", "llm", "seed"),
+    threads: job_threads(workflow, config, "long_output", local=1)
+    resources:
+        **job_resources(config, "long_output"),
     log:
         "logs/long_output.log",
     shell:

@@ -29,6 +29,9 @@ rule pack:
         **sections(config, "pack", "stages", "seed"),
     wildcard_constraints:
         k=r"\d+",
+    threads: job_threads(workflow, config, "pack", local=1)
+    resources:
+        **job_resources(config, "pack"),
     log:
         "logs/pack/stage-{k}.log",
     shell:
@@ -50,9 +53,9 @@ rule train_stage:
         **sections(config, "train", "stages", "seed"),
     wildcard_constraints:
         k=r"\d+",
-    threads: workflow.cores
+    threads: job_threads(workflow, config, "train_stage")
     resources:
-        gpu=1,  # a cluster executor (workflow/profiles/slurm) asks for one GPU per job
+        **job_resources(config, "train_stage"),
     log:
         "logs/train_stage/stage-{k}.log",
     shell:
