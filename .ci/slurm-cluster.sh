@@ -6,8 +6,9 @@
 # per finished job to the job-completion log (JobCompLoc below), which the test counts, and
 # MinJobAge keeps finished jobs in `squeue` for the executor plugin's status queries.
 #
-# Run as root (CI and the dev machine are). Idempotent: with the cluster up it only checks
-# that the node answers. Measured on 2 cores: about 20 s with the packages to install, 3 s
+# Run as root (CI and the dev machine are). Idempotent: with the cluster up on this script's
+# config it only checks that the node answers; on another config it restarts slurmctld and
+# slurmd. Measured on 2 cores: about 20 s with the packages to install, 3 s
 # with them installed, under 1 s when the cluster is already up.
 #
 #   .ci/slurm-cluster.sh          start (or check) the cluster
@@ -38,12 +39,12 @@ install_packages() {
         || die "apt-get could not install slurm-wlm and munge"
 }
 
-write_config() {
+write_config() {  # to $1
     local cpus mem
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) * 9 / 10 ))
     mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
-    cat >"$CONF" <<EOF
+    cat >"$1" <<EOF
 # written by .ci/slurm-cluster.sh: one node on localhost, for the tests
 ClusterName=longctx-ci
 SlurmctldHost=$NODE(127.0.0.1)
@@ -105,19 +106,34 @@ wait_idle() {  # slurmctld needs a moment before it answers; the node then regis
     die "node $NODE not idle after 30 s: $(sinfo -h -N 2>&1 | head -n1); see /var/log/slurm/"
 }
 
-stop() {
-    local daemon
-    for daemon in slurmd slurmctld munged; do
-        if [ -f "/run/$daemon.pid" ]; then kill "$(cat "/run/$daemon.pid")" 2>/dev/null || true; fi
+stop_slurm() {  # slurmd and slurmctld, waiting until they are gone (a restart follows)
+    local daemon i
+    for daemon in slurmd slurmctld; do pkill -x "$daemon" 2>/dev/null || true; done
+    for i in $(seq 1 40); do
+        running slurmd || running slurmctld || return 0
+        sleep 0.25
     done
+    die "slurmd or slurmctld still running 10 s after SIGTERM"
+}
+
+stop() {
+    stop_slurm
     [ -f /run/munge/munged.pid ] && kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
+}
+
+configure() {  # this script's slurm.conf; a running cluster with another one is restarted
+    local next=$CONF.next
+    write_config "$next"
+    if cmp -s "$next" "$CONF"; then rm -f "$next"; return; fi
+    mv "$next" "$CONF"
+    stop_slurm
 }
 
 case "${1:-start}" in
     start)
-        if command -v sinfo >/dev/null && up; then exit 0; fi
         install_packages
-        [ -f "$CONF" ] && grep -q '^# written by .ci/slurm-cluster.sh' "$CONF" || write_config
+        configure
+        if up; then exit 0; fi
         start_daemons
         wait_idle
         echo "slurm-cluster: node $NODE idle (partitions cpu, gpu; job log $JOBCOMP)"
