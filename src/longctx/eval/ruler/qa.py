@@ -6,7 +6,9 @@ RULER's DOCUMENT_PROMPT. Sample i asks question i (RULER's order), cycling when 
 fewer questions than samples; a question whose gold documents alone do not fit the length is
 skipped (RULER skips it too). After the search on the number of documents, up to
 TOP_UP_TRIES further distractors are tried in the room left, so short lengths stay tight
-despite the coarse grain of whole documents.
+despite the coarse grain of whole documents. Cloze QA made from the corpus draws its
+questions and distractors from the corpus prefix a length needs (`sources.qa_pool_words`), not
+from the whole corpus, whose every paragraph a shuffle would otherwise have to hold.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def _sample(data: QAData, pair: QAPair, sample_seed: int, meta: dict[str, str]) 
 
 def plans(task: str, length: int, seed: int, measure: PromptMeasure,
           sources: TextSources) -> Iterator[Plan]:
-    data = sources.qa(task)
+    data = sources.qa(task, length)
     budget = length - MAX_NEW_TOKENS
     index, skipped = 0, 0
     for question in _cycle(len(data.pairs)):

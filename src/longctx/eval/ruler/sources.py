@@ -6,13 +6,19 @@ table order, whitespace normalized, split into words; a haystack of N words is t
 (the text repeats when N exceeds it), split into sentences by a regex instead of nltk's punkt
 (which needs a download). QA comes from local SQuAD / HotpotQA files read the RULER way when
 given, else from cloze questions made from the corpus paragraphs (see `corpus_qa`).
+
+The corpus is streamed in table order and read only as far as a sample needs: the essay's
+longest haystack, and for cloze QA a prefix holding `qa_pool_words(length)` paragraph words.
+So memory does not grow with the corpus (10M documents are terabytes as Python word lists),
+only with the longest length asked for.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import cycle, islice
 from pathlib import Path
@@ -31,6 +37,11 @@ _ABBREV = re.compile(
     r"|Ltd|Co|Gen|Col|Lt|Sgt|Rev|Fig|approx|ca|c)\.$")
 _PARAGRAPH = re.compile(r"\n\s*\n")
 PARAGRAPH_WORDS = (40, 300)  # corpus paragraphs kept as QA documents
+# Cloze QA reads the corpus until its paragraphs hold this many words (~10K paragraphs), or
+# twice the sample length (each word is at least a token, so a sample can always be filled):
+# a distractor pool between RULER's SQuAD dev (1,204 paragraphs) and HotpotQA dev (~66K).
+QA_POOL_WORDS = 1_000_000
+READ_BATCH = 64  # corpus rows decoded at a time
 SENTENCE_WORDS = (6, 60)  # a usable cloze sentence (QA here, HellaSwag-style in lmeval)
 BLANK = "___"
 CLOZE_QUESTION = 'What fills the blank "{blank}" in this sentence from the documents: "{sentence}"'
@@ -251,42 +262,107 @@ def corpus_qa(texts: Sequence[str], two_gold: bool) -> QAData:
 # --------------------------------------------------------------------------- sources
 
 
-class TextSources:
-    """The essay haystack and the QA data every generator draws from."""
+def qa_pool_words(length: int) -> int:
+    """Paragraph words cloze QA reads for a sample of `length` tokens (see QA_POOL_WORDS)."""
+    return max(QA_POOL_WORDS, 2 * length)
 
-    def __init__(self, texts: Sequence[str], *, squad: QAData | None = None,
-                 hotpotqa: QAData | None = None) -> None:
-        self.texts = [t for t in texts if t.strip()]
-        self.words = " ".join(self.texts).split()
-        if not self.words:
-            raise LongctxError("no text for the essay haystack (the corpus is empty)")
-        self._qa: dict[str, QAData | None] = {"qa_1": squad, "qa_2": hotpotqa}
+
+def corpus_texts(docs_parquet: Path) -> Iterator[str]:
+    """The corpus table's `text` column in table order, decoded READ_BATCH rows at a time
+    and one row group after another (a batch would otherwise reach into the next group): a
+    reader that stops early never decodes the rest of the file."""
+    import pyarrow as pa
+
+    from longctx.parquet import open_table
+
+    table = open_table(docs_parquet, ["text"], "the corpus step")
+    try:
+        for group in range(table.num_row_groups):
+            for batch in table.iter_batches(batch_size=READ_BATCH, row_groups=[group],
+                                            columns=["text"]):
+                yield from batch.column(0).to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        raise LongctxError(f"{docs_parquet}: cannot read the corpus `text` column "
+                           f"({one_line(exc)})") from None
+
+
+class _Prefix:
+    """The non-blank texts of a stream, read on demand and kept once read."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self._source = iter(texts)
+        self.texts: list[str] = []
+        self.words: list[str] = []  # the words of texts[:self._worded]
+        self._worded = 0
+        self._pool: list[int] = []  # cumulative paragraph words of texts[:len(self._pool)]
+
+    def read_one(self) -> bool:
+        """Append the next non-blank text; False when the stream is exhausted."""
+        for text in self._source:
+            if text and text.strip():
+                self.texts.append(text)
+                return True
+        return False
+
+    def _has(self, i: int) -> bool:
+        return i < len(self.texts) or self.read_one()
+
+    def words_upto(self, n: int) -> list[str]:
+        """The words, read until there are at least n of them (or the texts run out)."""
+        while len(self.words) < n and self._has(self._worded):
+            self.words.extend(self.texts[self._worded].split())
+            self._worded += 1
+        return self.words
+
+    def pool(self, n_words: int) -> list[str]:
+        """The shortest prefix of whole texts whose QA paragraphs hold >= n_words words (or
+        all of them)."""
+        while (not self._pool or self._pool[-1] < n_words) and self._has(len(self._pool)):
+            held = sum(len(p.split()) for p in paragraphs(self.texts[len(self._pool)]))
+            self._pool.append((self._pool[-1] if self._pool else 0) + held)
+        return self.texts[:min(bisect_left(self._pool, n_words) + 1, len(self._pool))]
+
+
+class TextSources:
+    """The essay haystack and the QA data every generator draws from, read lazily from a
+    stream of texts (a list, or `corpus_texts` of the corpus table)."""
+
+    def __init__(self, texts: Iterable[str], *, squad: QAData | None = None,
+                 hotpotqa: QAData | None = None, source: str | None = None) -> None:
+        """`source` names the texts' file in errors."""
+        self._prefix = _Prefix(texts)
+        if not self._prefix.read_one():
+            raise LongctxError(
+                f"{source}: no text for the essay haystack (every `text` is empty or blank)"
+                if source else "no text for the essay haystack (the corpus is empty)")
+        self._files: dict[str, QAData | None] = {"qa_1": squad, "qa_2": hotpotqa}
+        self._qa: dict[tuple[str, int], QAData] = {}
 
     @classmethod
     def from_corpus(cls, docs_parquet: Path, squad_path: str | None = None,
                     hotpotqa_path: str | None = None) -> TextSources:
-        """The corpus table's `text` column (table order), and the QA files when given."""
-        import polars as pl
-
-        try:
-            texts = pl.read_parquet(docs_parquet, columns=["text"])["text"].to_list()
-        except (OSError, pl.exceptions.PolarsError) as exc:
-            raise LongctxError(f"{docs_parquet}: cannot read the corpus `text` column "
-                               f"({one_line(exc)})") from None
-        return cls([t for t in texts if t],
-                   squad=read_squad(squad_path) if squad_path else None,
-                   hotpotqa=read_hotpotqa(hotpotqa_path) if hotpotqa_path else None)
+        """The corpus table's `text` column (table order, streamed), and the QA files when
+        given."""
+        squad = read_squad(squad_path) if squad_path else None
+        hotpotqa = read_hotpotqa(hotpotqa_path) if hotpotqa_path else None
+        return cls(corpus_texts(docs_parquet), squad=squad, hotpotqa=hotpotqa,
+                   source=str(docs_parquet))
 
     def essay(self, n_words: int) -> str:
         """The first n words of the corpus (cycled when n exceeds it), space separated."""
-        return " ".join(islice(cycle(self.words), n_words))
+        return " ".join(islice(cycle(self._prefix.words_upto(n_words)), n_words))
 
     def essay_sentences(self, n_words: int) -> list[str]:
         return split_sentences(self.essay(n_words))
 
-    def qa(self, task: str) -> QAData:
-        """qa_1: the SQuAD file or corpus cloze; qa_2: the HotpotQA file or two-gold cloze."""
-        data = self._qa[task]
-        if data is None:
-            data = self._qa[task] = corpus_qa(self.texts, two_gold=task == "qa_2")
-        return data
+    def qa(self, task: str, length: int = 0) -> QAData:
+        """qa_1: the SQuAD file or corpus cloze; qa_2: the HotpotQA file or two-gold cloze,
+        from the corpus prefix that a sample of `length` tokens reads."""
+        data = self._files[task]
+        if data is not None:
+            return data
+        texts = self._prefix.pool(qa_pool_words(length))
+        key = (task, len(texts))
+        if key not in self._qa:
+            self._qa[key] = corpus_qa(texts, two_gold=task == "qa_2")
+        return self._qa[key]
