@@ -56,6 +56,11 @@ def test_a_corpus_without_text_is_named(tmp_path):
     pq.write_table(pa.table({"text": pa.array(["", "  \n", None], pa.large_string())}), path)
     with pytest.raises(LongctxError, match=rf"^{path}: no text for the essay haystack"):
         TextSources.from_corpus(path)
+    pq.write_table(pa.table({"text": pa.array(["A heading.", "Two words."], pa.large_string())}),
+                   path)
+    with pytest.raises(LongctxError, match=rf"^{path}: the corpus has no paragraph of 40-300 "
+                                           r"words .* \(read: its first 2 texts\)$"):
+        TextSources.from_corpus(path).qa("qa_1")
     pq.write_table(pa.table({"body": ["words"]}), path)
     with pytest.raises(LongctxError, match=rf"{path}: missing column\(s\) text"):
         TextSources.from_corpus(path)

@@ -335,6 +335,7 @@ class TextSources:
             raise LongctxError(
                 f"{source}: no text for the essay haystack (every `text` is empty or blank)"
                 if source else "no text for the essay haystack (the corpus is empty)")
+        self._source = source
         self._files: dict[str, QAData | None] = {"qa_1": squad, "qa_2": hotpotqa}
         self._qa: dict[tuple[str, int], QAData] = {}
 
@@ -364,5 +365,11 @@ class TextSources:
         texts = self._prefix.pool(qa_pool_words(length))
         key = (task, len(texts))
         if key not in self._qa:
-            self._qa[key] = corpus_qa(texts, two_gold=task == "qa_2")
+            try:
+                self._qa[key] = corpus_qa(texts, two_gold=task == "qa_2")
+            except LongctxError as exc:
+                if self._source is None:
+                    raise
+                raise LongctxError(f"{self._source}: {exc} (read: its first {len(texts)} "
+                                   "texts)") from None
         return self._qa[key]
