@@ -16,10 +16,11 @@ the RSS of a bare Python process importing the step's code (`workflow.step_code`
 costs before it reads anything) and the corpus' text bytes (the reading before streaming
 held ~16x them).
 
-embed runs the bundled MiniLM only at sizes up to --embed-max-size (2 CPU cores embed ~100
-short documents/s); above it its RSS is extrapolated linearly from the two largest measured
-sizes and its time per document held at the largest's, marked `"extrapolated": true`. index
-(flat, exact) runs on embed's output at the sizes embed measured. The steps whose work is LLM
+embed (one shard job: 1-of-1) runs the bundled MiniLM only at sizes up to --embed-max-size
+(2 CPU cores embed ~100 short documents/s); above it its RSS is extrapolated linearly from the
+two largest measured sizes and its time per document held at the largest's, marked
+`"extrapolated": true`. gather_embed (the shard parts into data/embeddings) and index (flat,
+exact) run on its output at the sizes embed measured. The steps whose work is LLM
 calls are listed under `not_covered` with the reason.
 
     python bench/scale.py                                 # 10K, 100K, 1M documents
@@ -48,7 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 SENTENCES = 200_000  # the pool documents are drawn from
 ROW_GROUP = 2048  # the corpus step's default batch_size: its row groups
 EVAL_STEPS = ("niah_samples", "ruler_samples")
-STEPS = EVAL_STEPS + ("embed", "index")
+STEPS = EVAL_STEPS + ("embed", "gather_embed", "index")
+EMBED_STEPS = ("embed", "gather_embed", "index")  # run up to --embed-max-size
 NOT_COVERED = {
     "corpus": "reads source files, not a corpus table: its memory is bounded by "
               "corpus.batch_size (streamed batches), not measured here",
@@ -196,8 +198,10 @@ def step_commands(step: str, params: Path, model: Path, data: Path) -> list[str]
         "ruler_samples": base + ["ruler-samples", "--model", str(model), "--docs",
                                  str(data / "docs.parquet"), "--samples",
                                  str(data / "ruler.parquet")],
-        "embed": base + ["embed", "--docs", str(data / "docs.parquet"), "--embeddings",
-                         str(data / "embeddings")],
+        "embed": base + ["embed", "--shard", "1-of-1", "--docs", str(data / "docs.parquet"),
+                         "--part", str(data / "embed-part")],
+        "gather_embed": base + ["gather-embed", "--parts", str(data / "embed-part"),
+                                "--embeddings", str(data / "embeddings")],
         "index": base + ["index", "--embeddings", str(data / "embeddings"), "--index",
                          str(data / "index")],
     }[step]
@@ -245,9 +249,10 @@ def measure_size(n: int, steps: list[str], args, work: Path, model: Path,
               "write_s": round(time.perf_counter() - t0, 1)}
     params = params_file(work / "params.yaml", args)
     for step in steps:
-        if step in ("embed", "index") and n > args.embed_max_size:
+        if step in EMBED_STEPS and n > args.embed_max_size:
             continue
-        if step == "index" and not (data / "embeddings").is_dir():
+        needs = {"gather_embed": "embed-part", "index": "embeddings"}.get(step)
+        if needs and not (data / needs).is_dir():
             continue
         env = os.environ | {"LONGCTX_CACHE": str(work / f"cache-{n}-{step}")}
         log(f"{step} on {n:,} documents")

@@ -1,4 +1,5 @@
-"""embed_corpus with the real bundled MiniLM on tiny corpora: layout, shards, resume, errors."""
+"""embed_corpus and its shard jobs with the real bundled MiniLM on tiny corpora: layout,
+files, resume, 1 shard == N shards, errors."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from longctx.config import EmbedConfig
 from longctx.errors import LongctxError
 from longctx.repro import sha256_file
 from longctx.retrieval import embed
-from longctx.retrieval.embed import embed_corpus, encode, load_embedder
+from longctx.retrieval.embed import embed_corpus, embed_shard, encode, load_embedder
+from longctx.retrieval.embed_parts import embed_params, gather_embeddings
+from longctx.shards import Shard
 
 
 @pytest.fixture(autouse=True)
@@ -220,3 +223,70 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
                      embeddings=out)
     assert not out.exists()
     assert not list(tmp_path.glob(".emb*"))  # no temporary leftovers either
+
+
+# --------------------------------------------------------------------------- shard jobs
+
+
+def _small_row_groups(docs, rows_per_group=3):
+    """The corpus rewritten in row groups smaller than a vector file, so shards start and
+    stop inside row groups."""
+    table = pq.read_table(docs)
+    pq.write_table(table, docs, row_group_size=rows_per_group)
+    return docs
+
+
+def _embed_in_shards(cfg, docs, root, count):
+    params = embed_params(cfg)
+    parts = []
+    for number in range(1, count + 1):
+        parts.append(root / f"part-{number}")
+        embed_shard(cfg, shard=Shard(number, count), params=params, docs=docs, part=parts[-1])
+    return parts, gather_embeddings(params=params, parts=parts, embeddings=root / "emb")
+
+
+@pytest.mark.parametrize("text", ["first_tokens", "passages"])
+def test_three_shard_jobs_write_the_bytes_of_one_and_embed_only_their_own(tmp_path, text,
+                                                                          monkeypatch):
+    docs = _small_row_groups(write_topic_docs(tmp_path / "docs.parquet"))
+    cfg = EmbedConfig(text=text, max_tokens=12, shard_size=4, batch_size=3)  # 5 files
+    embed_corpus(cfg, docs=docs, embeddings=tmp_path / "whole")
+
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cold"))
+    encoded = []
+    real_encode = embed.encode
+    monkeypatch.setattr(embed, "encode", lambda *a, **k: encoded.append(a[1]) or
+                        real_encode(*a, **k))
+    parts, manifest = _embed_in_shards(cfg, docs, tmp_path, 3)
+
+    assert _files(tmp_path / "emb") == _files(tmp_path / "whole")
+    assert manifest["documents"] == 20 and len(manifest["shards"]) == 5
+    files = [sorted(p.name for p in part.glob("shard-*")) for part in parts]
+    assert files == [["shard-00000.npy"], ["shard-00001.npy", "shard-00002.npy"],
+                     ["shard-00003.npy", "shard-00004.npy"]]
+    firsts = [t[0].split("\n")[0] for t in encoded]  # each file encoded once, by its owner
+    assert firsts == list(TOPICS)[::4]
+    part_rows = pl.read_parquet(parts[1] / "rows.parquet")
+    assert part_rows["doc_id"].unique(maintain_order=True).to_list() == \
+        [doc_id(i) for i in range(4, 12)]
+
+
+def test_shard_and_gather_refusals(tmp_path):
+    docs = write_topic_docs(tmp_path / "docs.parquet")
+    cfg = EmbedConfig(shard_size=8)  # 3 files
+    with pytest.raises(LongctxError, match=r"shards\.embed=4 is more than the 3 embedding files"):
+        embed_shard(cfg, shard=Shard(1, 4), params=embed_params(cfg), docs=docs,
+                    part=tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+    parts, _ = _embed_in_shards(cfg, docs, tmp_path, 3)
+    out = tmp_path / "again"
+    with pytest.raises(LongctxError, match=r"\(1-of-3, 3-of-3\) are not every shard"):
+        gather_embeddings(params=embed_params(cfg), parts=[parts[0], parts[2]], embeddings=out)
+    other = embed_params(EmbedConfig(shard_size=8, batch_size=3))
+    with pytest.raises(LongctxError, match="part-1: made with other params.*shard 1-of-3"):
+        gather_embeddings(params=other, parts=parts, embeddings=out)
+    with pytest.raises(LongctxError, match="nothing: not an embeddings part"):
+        gather_embeddings(params=embed_params(cfg), parts=[tmp_path / "nothing"],
+                          embeddings=out)
+    assert not out.exists()

@@ -48,9 +48,19 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from longctx.retrieval.embed import embed_corpus
+    from longctx.retrieval.embed import embed_shard
+    from longctx.retrieval.embed_parts import embed_params
 
-    manifest = embed_corpus(_params(args).embed, **_paths(args))
+    cfg = _params(args).embed
+    info = embed_shard(cfg, params=embed_params(cfg), **_paths(args))
+    log.info("embed %s: %s vectors in %d files -> %s", args.shard.name,
+             f"{sum(f['rows'] for f in info['files']):,}", len(info["files"]), args.part)
+
+
+def cmd_gather_embed(args: argparse.Namespace) -> None:
+    from longctx.retrieval.embed_parts import embed_params, gather_embeddings
+
+    manifest = gather_embeddings(params=embed_params(_params(args).embed), **_paths(args))
     log.info("embeddings: %s vectors of dim %s -> %s",
              f"{manifest['rows']:,}", manifest["dim"], args.embeddings)
 

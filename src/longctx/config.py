@@ -141,7 +141,8 @@ class EmbedConfig(Section):
     passage_prefix: str = Field(default="", description="prepended to documents/passages")
     batch_size: PositiveInt = Field(default=64, description="texts per encode batch")
     shard_size: PositiveInt = Field(
-        default=8192, description="vectors per float16 shard (the unit of resume)"
+        default=8192, description="documents per float16 vector file (the unit of resume "
+        "and of the shards.embed split)"
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         default="auto", description="where the embedder runs"
@@ -687,10 +688,10 @@ class LmevalConfig(Section):
 # Every rule of the DAG (workflow/rules/*.smk), the keys cluster.rules may name; a test holds
 # this list to the rules the .smk files define.
 CLUSTER_RULES = (
-    "base_model", "corpus", "embed", "index", "instructions", "retrieve", "summarize_shard",
-    "summarize", "respond_shard", "respond", "long_output_shard", "long_output", "pack",
-    "train_stage", "niah_samples", "ruler_samples", "eval_niah", "eval_ruler", "eval_lmeval",
-    "report",
+    "base_model", "corpus", "embed_shard", "embed", "index", "instructions", "retrieve",
+    "summarize_shard", "summarize", "respond_shard", "respond", "long_output_shard",
+    "long_output", "pack", "train_stage", "niah_samples", "ruler_samples", "eval_niah",
+    "eval_ruler", "eval_lmeval", "report",
 )
 
 
@@ -808,6 +809,8 @@ class ShardsConfig(Section):
     for time, never results."""
 
     default: PositiveInt = Field(default=1, description="shard jobs of a step not named here")
+    embed: PositiveInt | None = Field(default=None, description="embed shard jobs (split by "
+                                      "corpus rows, in whole files of embed.shard_size)")
     summarize: PositiveInt | None = Field(default=None, description="summarize shard jobs "
                                           "(split by instruction id)")
     respond: PositiveInt | None = Field(default=None, description="respond shard jobs (split "
@@ -816,7 +819,7 @@ class ShardsConfig(Section):
                                             "(split by document id)")
 
     def of(self, step: str) -> int:
-        """The shard count of `step` (a section name: summarize, respond, long_output)."""
+        """The shard count of `step` (a section name: embed, summarize, respond, ...)."""
         count = getattr(self, step)
         return self.default if count is None else count
 

@@ -56,7 +56,7 @@ def read_parts(paths: list[str | Path], schema: pa.Schema, params: str, *, key: 
         table = open_table(path, schema.names, made_by=rerun).read(columns=schema.names)
         infos.append(_part_info(path, pq.read_schema(path).metadata, params, rerun))
         tables.append(table)
-    _check_split(paths, infos, rerun)
+    check_split(paths, infos, rerun)
     merged = pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
     if order is None:
         order = sorted(set(merged.column(key).to_pylist()))
@@ -79,13 +79,18 @@ def _part_info(path: str | Path, metadata: dict | None, params: str, rerun: str)
         raise LongctxError(f"{path}: not a shard part (no {PART_KEY.decode()} metadata); "
                            f"rerun {rerun}")
     info = json.loads(raw)
-    if info["params"] != params:
-        raise LongctxError(f"{path}: made with other params than params.yaml's; rerun {rerun} "
-                           f"for shard {info['shard'][0]}-of-{info['shard'][1]}")
+    check_made_with(path, info, params, rerun)
     return info
 
 
-def _check_split(paths: list[str | Path], infos: list[dict], rerun: str) -> None:
+def check_made_with(path: str | Path, info: dict, params: str, rerun: str) -> None:
+    """A part made with other params than the gather's is stale: refused, naming the shard."""
+    if info["params"] != params:
+        raise LongctxError(f"{path}: made with other params than params.yaml's; rerun {rerun} "
+                           f"for shard {info['shard'][0]}-of-{info['shard'][1]}")
+
+
+def check_split(paths: list[str | Path], infos: list[dict], rerun: str) -> None:
     """The parts are shards 1..N of one N-way split, each once, and agree on their context."""
     counts = {info["shard"][1] for info in infos}
     numbers = sorted(info["shard"][0] for info in infos)

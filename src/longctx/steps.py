@@ -80,8 +80,10 @@ STEPS: dict[str, Step] = {s.command: s for s in (
          (out("model", "the model dir to write"),)),
     Step("corpus", "corpus", "read, clean, dedupe and count the documents",
          (inp("tokenizer", "the base model dir"), out("docs", "docs.parquet"), METRICS)),
-    Step("embed", "embed", "embed every document into float16 shards",
-         (DOCS, out("embeddings", "the embeddings dir"))),
+    Step("embed", "embed_shard", "embed a shard's documents (a contiguous range of corpus "
+         "rows) into float16 files", (SHARD, DOCS, out("part", "the shard's part dir"))),
+    Step("gather-embed", "embed", "embed's shard parts, in corpus order",
+         (PARTS, out("embeddings", "the embeddings dir"))),
     Step("index", "index", "build the FAISS index and check its recall",
          (inp("embeddings", "the embeddings dir"), out("index", "the index dir"))),
     Step("instructions", "instructions", "the LLM writes multi-document instructions",

@@ -295,8 +295,8 @@ def job_gpus(params: Any, rule: str) -> int:
     given = params.cluster.job(rule).gpus
     if given is not None:
         return given
-    if rule in ("embed", "retrieve"):
-        return int(getattr(params, rule).device == "cuda")
+    if rule in ("embed_shard", "retrieve"):
+        return int(getattr(params, rule.removesuffix("_shard")).device == "cuda")
     if rule in LLM_RULES:
         return int(params.llm.backend in ("hf", "vllm") and params.llm.device != "cpu")
     if rule == "train_stage":

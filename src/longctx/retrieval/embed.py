@@ -1,14 +1,17 @@
-"""Embed the corpus: unit-norm float16 vectors in shards, resumable and deterministic.
+"""Embed the corpus: unit-norm float16 vectors in files, resumable, deterministic, sharded.
 
 A document becomes one text (`first_tokens`: its first tokens) or several (`passages`: token
 windows). Texts are cut on the embedder's own token offsets, so every text fits the model
-exactly and nothing is silently dropped by truncation. Vectors are written in shards of
-`shard_size` rows; each finished shard lands in a content-addressed cache first, so a killed
-run resumes where it stopped, and the output directory is assembled from that cache at the end.
+exactly and nothing is silently dropped by truncation. Vectors are written in files of
+`shard_size` consecutive documents; each finished file lands in a content-addressed cache
+first, so a killed job resumes where it stopped. A shard job (`embed_shard`) reads and embeds
+only its own contiguous range of files (embed_parts.file_range), and the gather assembles the
+embeddings directory from every shard's part (embed_parts).
 
-Determinism: rows are in document order and shard boundaries are fixed, and within a shard the
-texts are sorted by token length (stable) before batching, so a shard is always encoded with
-the same batch composition -- on the same device and thread count its bytes are identical.
+Determinism: rows are in document order and file boundaries are fixed by the corpus alone,
+and within a file the texts are sorted by token length (stable) before batching, so a file is
+always encoded with the same batch composition whatever the shard count -- on the same device
+and thread count its bytes are identical.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -34,20 +35,21 @@ from longctx import assets
 from longctx.config import BUNDLED, EmbedConfig
 from longctx.errors import LongctxError
 from longctx.hub import hub_snapshot, looks_like_path, resolve_device
-from longctx.repro import atomic_path, cache_root, fingerprint, sha256_file, write_json
+from longctx.repro import atomic_path, cache_root, fingerprint, sha256_file
+from longctx.retrieval.embed_parts import (
+    embed_params,
+    file_range,
+    gather_embeddings,
+    shard_name,
+    write_part,
+)
+from longctx.shards import Shard, check_count
 
 log = logging.getLogger(__name__)
 
-FORMAT = "longctx-embeddings/1"
 DOC_COLUMNS = ("id", "text", "title")
-ROWS_FILE = "rows.parquet"
-MANIFEST = "manifest.json"
 READ_BATCH = 1024  # documents per parquet read / tokenizer call
 _SKIP_FILES = {"README.md", ".gitattributes"}  # hashed model files: everything but docs
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.npy"
 
 
 # --------------------------------------------------------------------------- the embedder
@@ -281,16 +283,34 @@ def check_docs(docs_path: Path) -> pq.ParquetFile:
     return pf
 
 
-def iter_rows(pf: pq.ParquetFile, tok, layout: Layout) -> Iterator[Row]:
-    """Every embedded text of the corpus, in document order."""
-    for batch in pf.iter_batches(batch_size=READ_BATCH, columns=list(DOC_COLUMNS)):
-        cols = batch.to_pydict()
+def iter_documents(pf: pq.ParquetFile, tok, layout: Layout, rows: range
+                   ) -> Iterator[list[Row]]:
+    """The embedded texts of each document in `rows` (corpus rows), in document order; only
+    the row groups holding them are read."""
+    groups, start = [], 0
+    for g in range(pf.num_row_groups):
+        end = start + pf.metadata.row_group(g).num_rows
+        if start < rows.stop and end > rows.start:
+            groups.append(g)
+        start = end
+    position = _first_row(pf, groups)
+    for batch in pf.iter_batches(batch_size=READ_BATCH, row_groups=groups,
+                                 columns=list(DOC_COLUMNS)):
+        lo, hi = max(rows.start - position, 0), min(rows.stop - position, batch.num_rows)
+        position += batch.num_rows
+        if hi <= lo:
+            continue
+        cols = batch.slice(lo, hi - lo).to_pydict()
         texts = [doc_text(t, h, layout.title_in_text) for t, h in zip(cols["text"], cols["title"])]
         offsets = _offsets(tok, texts, layout.needed_tokens)
         for doc_id, text, offs in zip(cols["id"], texts, offsets):
-            for p, (s, e) in enumerate(_windows(len(offs), layout)):
-                span = text[offs[s][0] : offs[e - 1][1]] if e > s else ""
-                yield Row(doc_id, p, s, e - s, span)
+            yield [Row(doc_id, p, s, e - s, text[offs[s][0] : offs[e - 1][1]] if e > s else "")
+                   for p, (s, e) in enumerate(_windows(len(offs), layout))]
+
+
+def _first_row(pf: pq.ParquetFile, groups: list[int]) -> int:
+    """The corpus row that row group `groups[0]` starts at."""
+    return sum(pf.metadata.row_group(g).num_rows for g in range(groups[0] if groups else 0))
 
 
 def cache_key(
@@ -320,17 +340,16 @@ def _cached_shard(path: Path, n_rows: int) -> bool:
     return arr.dtype == np.float16 and arr.ndim == 2 and arr.shape[0] == n_rows
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def embed_corpus(cfg: EmbedConfig, *, docs: Path, embeddings: Path) -> dict:
-    """Embed every document of `docs` into `embeddings`; returns the manifest written."""
-    docs, embeddings = Path(docs), Path(embeddings)
+def embed_shard(cfg: EmbedConfig, *, shard: Shard, params: str, docs: Path, part: Path) -> dict:
+    """Embed the documents of `shard`'s files into the part directory `part`; returns the
+    part's info (its files and rows)."""
+    docs = Path(docs)
     pf = check_docs(docs)
+    n_docs = pf.metadata.num_rows
+    files = -(-n_docs // cfg.shard_size)
+    check_count(shard, files, "shards.embed", f"embedding files (of embed.shard_size="
+                f"{cfg.shard_size} documents) to split")
+    owned = file_range(files, shard)
     _, identity = resolve_model(cfg.model)
     device = resolve_device(cfg.device)
     model = load_embedder(cfg.model, device, cfg.trust_remote_code)
@@ -339,74 +358,60 @@ def embed_corpus(cfg: EmbedConfig, *, docs: Path, embeddings: Path) -> dict:
     key = cache_key(identity, cfg, layout, device, corpus_sha)
     cache = cache_root() / "embed" / key
     cache.mkdir(parents=True, exist_ok=True)
-    log.info("embedding %d documents (%s, cache %s)", pf.metadata.num_rows, layout.mode, cache)
-    meta, shards, docs_done = _encode_shards(cfg, pf, model, layout, cache)
-    with atomic_path(embeddings) as tmp:
-        tmp.mkdir()
-        for i, (path, _) in enumerate(shards):
-            _link_or_copy(path, tmp / shard_name(i))
-        rows = pa.table({
-            "row": pa.array(np.arange(len(meta["doc_id"]), dtype=np.int64)),
-            "doc_id": pa.array(meta["doc_id"], pa.string()),
-            "passage": pa.array(meta["passage"], pa.int32()),
-            "token_start": pa.array(meta["token_start"], pa.int32()),
-            "n_tokens": pa.array(meta["n_tokens"], pa.int32()),
-        })
-        pq.write_table(rows, tmp / ROWS_FILE)
-        manifest = {
-            "format": FORMAT, "model": identity, "trust_remote_code": cfg.trust_remote_code,
-            "device": device, "dim": embedding_dim(model), "dtype": "float16",
-            "normalized": True, "documents": docs_done, "rows": rows.num_rows,
-            "text": {"mode": layout.mode, "max_tokens": layout.budget, "window": layout.window,
-                     "stride": layout.stride, "max_passages": layout.max_passages,
-                     "title_in_text": layout.title_in_text},
-            "passage_prefix": cfg.passage_prefix, "query_prefix": cfg.query_prefix,
-            "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
-            "shards": [{"file": shard_name(i), "rows": n,
-                        "sha256": sha256_file(tmp / shard_name(i))}
-                       for i, (_, n) in enumerate(shards)],
-            "rows_file": {"file": ROWS_FILE, "sha256": sha256_file(tmp / ROWS_FILE)},
-            "corpus": {"file": str(docs), "sha256": corpus_sha},
-            "cache_key": key,
-        }
-        write_json(tmp / MANIFEST, manifest)
-    return manifest
+    context = {
+        "model": identity, "trust_remote_code": cfg.trust_remote_code, "device": device,
+        "dim": embedding_dim(model), "dtype": "float16", "normalized": True,
+        "text": {"mode": layout.mode, "max_tokens": layout.budget, "window": layout.window,
+                 "stride": layout.stride, "max_passages": layout.max_passages,
+                 "title_in_text": layout.title_in_text},
+        "passage_prefix": cfg.passage_prefix, "query_prefix": cfg.query_prefix,
+        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
+        "corpus": {"file": str(docs), "sha256": corpus_sha}, "cache_key": key,
+    }
+    rows = range(owned.start * cfg.shard_size, min(owned.stop * cfg.shard_size, n_docs))
+    log.info("embed %s: documents %d..%d of %d (%s, cache %s)", shard.name, rows.start,
+             rows.stop, n_docs, layout.mode, cache)
+    with write_part(part, shard, params, context) as writer:
+        _encode_files(cfg, iter_documents(pf, model.tokenizer, layout, rows), owned, model,
+                      layout, cache, writer, len(rows))
+    return writer.info
 
 
-def _encode_shards(cfg: EmbedConfig, pf: Any, model: Any, layout: Any, cache: Path
-                   ) -> tuple[dict[str, list], list[tuple[Path, int]], int]:
-    """Every shard of `cfg.shard_size` rows encoded into `cache` (shards already there are
-    kept: a killed run resumes); returns the rows' metadata, the (shard, rows) list and the
-    number of documents."""
-    meta: dict[str, list] = {"doc_id": [], "passage": [], "token_start": [], "n_tokens": []}
-    shards: list[tuple[Path, int]] = []
-    encoded = docs_done = 0
+def _encode_files(cfg: EmbedConfig, documents: Iterator[list[Row]], owned: range, model: Any,
+                  layout: Layout, cache: Path, writer: Any, n_docs: int) -> None:
+    """Each owned file of `cfg.shard_size` documents encoded into `cache` (files already
+    there are kept: a killed job resumes), then added to the part."""
+    encoded = 0
     t0 = time.perf_counter()
-    # one text per document in first_tokens mode; passages are counted as they come
-    bar = tqdm(total=pf.metadata.num_rows if layout.max_passages == 1 else None, unit="text",
-               desc="embed", disable=None)
-    rows = iter_rows(pf, model.tokenizer, layout)
-    for i, chunk in enumerate(iter(lambda: list(islice(rows, cfg.shard_size)), [])):  # shards
-        for name in meta:
-            meta[name] += [getattr(r, name) for r in chunk]
-        path = cache / shard_name(i)
-        if not _cached_shard(path, len(chunk)):
-            vectors = encode(
-                model, [r.text for r in chunk], cfg.batch_size, cfg.passage_prefix,
-                max_tokens=layout.budget, lengths=[r.n_tokens for r in chunk], progress=bar,
-            )
+    bar = tqdm(total=n_docs, unit="doc", desc="embed", disable=None)
+    for done, index in enumerate(owned, 1):
+        chunk = list(islice(documents, cfg.shard_size))
+        texts = [row for doc in chunk for row in doc]
+        path = cache / shard_name(index)
+        if not _cached_shard(path, len(texts)):
+            vectors = encode(model, [r.text for r in texts], cfg.batch_size,
+                             cfg.passage_prefix, max_tokens=layout.budget,
+                             lengths=[r.n_tokens for r in texts])
             _save_npy(path, vectors.astype(np.float16))
             encoded += 1
-        else:
-            bar.update(len(chunk))
-        shards.append((path, len(chunk)))
-        docs_done += sum(r.passage == 0 for r in chunk)  # a document starts at passage 0
-        bar.set_postfix(docs=docs_done, shards=i + 1, cached=i + 1 - encoded)
+        writer.add(index, path, {name: [getattr(r, name) for r in texts]
+                                 for name in ("doc_id", "passage", "token_start", "n_tokens")},
+                   documents=len(chunk))
+        bar.update(len(chunk))
+        bar.set_postfix(files=done, cached=done - encoded)
     bar.close()
     seconds = time.perf_counter() - t0
-    log.info(
-        "embedded %d documents (%d rows, %d of %d shards encoded, rest cached) in %.1fs: "
-        "%.1f docs/s", docs_done, len(meta["doc_id"]), encoded, len(shards), seconds,
-        docs_done / max(seconds, 1e-9),
-    )
-    return meta, shards, docs_done
+    log.info("embedded %d documents (%d of %d files encoded, rest cached) in %.1fs: "
+             "%.1f docs/s", n_docs, encoded, len(owned), seconds, n_docs / max(seconds, 1e-9))
+
+
+def embed_corpus(cfg: EmbedConfig, *, docs: Path, embeddings: Path) -> dict:
+    """Embed every document of `docs` into `embeddings` as one shard job and its gather
+    would (the DAG's path, in one call); returns the manifest written."""
+    embeddings = Path(embeddings)
+    embeddings.parent.mkdir(parents=True, exist_ok=True)
+    params = embed_params(cfg)
+    with tempfile.TemporaryDirectory(dir=embeddings.parent, prefix=".embed-part-") as tmp:
+        part = Path(tmp) / "1-of-1"
+        embed_shard(cfg, shard=Shard(), params=params, docs=docs, part=part)
+        return gather_embeddings(params=params, parts=[part], embeddings=embeddings)

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from longctx.errors import LongctxError
 from longctx.repro import sha256_file
-from longctx.retrieval.embed import ROWS_FILE, encode, load_embedder, resolve_model
+from longctx.retrieval.embed import encode, load_embedder, resolve_model
+from longctx.retrieval.embed_parts import ROWS_FILE
 from longctx.retrieval.index import MANIFEST, load_index, read_embeddings, read_manifest
 
 SNIPPET_WORDS = 12
