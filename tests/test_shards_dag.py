@@ -1,10 +1,10 @@
-"""The sharded steps for real, on the micro profile: summarize, respond and long_output as 3
-shard jobs each write the bytes that 1 shard job writes, with the bundled model and a cold
-call cache, and Snakemake and the exported dvc.yaml see one job per shard.
+"""The sharded steps for real, on the micro profile: embed, summarize, respond and long_output
+as 3 shard jobs each write the bytes that 1 shard job writes, with the bundled models and a
+cold call cache, and Snakemake and the exported dvc.yaml see one job per shard.
 
-One project runs the DAG up to retrieval; a copy of it (upstream artifacts and Snakemake's
-records included, so nothing upstream reruns) switches to 3 shards; then both run the
-sharded steps at once, one thread per job (the same floating point in both).
+One project runs the DAG up to the corpus and the instructions; a copy of it (upstream
+artifacts and Snakemake's records included, so nothing upstream reruns) switches to 3 shards;
+then both run the sharded steps at once, one thread per job (the same floating point in both).
 """
 
 from __future__ import annotations
@@ -20,9 +20,17 @@ from longctx.repro import sha256_file
 
 pytestmark = pytest.mark.e2e
 
-SHARDED = ["summarize", "respond", "long_output"]
+SHARDED = ["embed", "summarize", "respond", "long_output"]
 TABLES = {"summarize": "summaries", "respond": "responses", "long_output": "long_output"}
-TARGETS = [f"data/synth/{TABLES[step]}.parquet" for step in SHARDED]
+TARGETS = ["data/index"] + [f"data/synth/{table}.parquet" for table in TABLES.values()]
+
+
+def artifacts(project: Path) -> dict[str, str]:
+    """Every file the sharded steps and the steps between them write, by its hash."""
+    paths = [p for p in (project / "data/embeddings").rglob("*") if p.is_file()]
+    paths += [project / f"data/synth/{table}{suffix}" for table in ["retrieved", *TABLES.values()]
+              for suffix in (".parquet", ".json")]
+    return {str(p.relative_to(project)): sha256_file(p) for p in paths}
 
 
 def edit_params(project: Path, **sections: dict) -> None:
@@ -46,7 +54,8 @@ def projects(root, tmp_path_factory) -> tuple[Path, Path, str]:
     run(one, "longctx", "profile", "micro")
     # micro writes 2 instructions and 1 long-output target: 3 shards need 3 of each
     edit_params(one, instructions={"count": 3}, long_output={"count": 3})
-    run(one, "snakemake", "--cores", "1", "data/synth/retrieved.parquet")
+    run(one, "snakemake", "--cores", "1", "data/corpus/docs.parquet",
+        "data/synth/instructions.parquet")
     three = one.parent / "three"
     shutil.copytree(one, three, symlinks=True)  # copy2: mtimes kept, upstream stays done
     shutil.rmtree(three / "cache", ignore_errors=True)  # cold: every call made anew
@@ -63,10 +72,9 @@ def projects(root, tmp_path_factory) -> tuple[Path, Path, str]:
 
 def test_three_shards_write_the_bytes_of_one(projects):
     one, three, _ = projects
-    for step in SHARDED:
-        for suffix in (".parquet", ".json"):
-            name = f"data/synth/{TABLES[step]}{suffix}"
-            assert sha256_file(three / name) == sha256_file(one / name), name
+    written = artifacts(one)
+    assert len([name for name in written if name.startswith("data/embeddings/")]) > 3
+    assert artifacts(three) == written
     assert sorted(p.name for p in (three / "data/synth/parts/respond").iterdir()) == \
         ["1-of-3.parquet", "2-of-3.parquet", "3-of-3.parquet"]
 
@@ -76,9 +84,11 @@ def test_one_job_per_shard_and_nothing_upstream_reruns(projects):
     for step in SHARDED:
         assert output.count(f"(Rule: {step}_shard)") == 3, step
         assert output.count(f"(Rule: {step})") == 1, step
-    for upstream in ("corpus", "embed", "index", "instructions", "retrieve"):
+    for upstream in ("base_model", "corpus", "instructions"):
         assert f"(Rule: {upstream})" not in output
     assert (three / "logs/respond/2-of-3.log").is_file()
+    assert sorted(p.name for p in (three / "data/parts/embed").iterdir()) == \
+        ["1-of-3", "2-of-3", "3-of-3"]
     assert "Nothing to be done" in run(three, "snakemake", "--cores", "1", "-n", *TARGETS)
 
 

@@ -35,11 +35,13 @@ def test_every_stage_runs_its_own_longctx_step(exported):
                                     "retrieve", "summarize", "respond", "long_output",
                                     "pack-0", "pack-1", "train_stage-0", "train_stage-1",
                                     "niah_samples", "ruler_samples", "report",
-                                    "summarize_shard-1-of-1", "respond_shard-1-of-1",
+                                    "embed_shard-1-of-1", "summarize_shard-1-of-1",
+                                    "respond_shard-1-of-1",
                                     "long_output_shard-1-of-1"]
                                    + [f"eval_{kind}-{model}" for kind in ("niah", "ruler", "lmeval")
                                       for model in ("base", "stage-0", "stage-1")])
-    for first, then in [("base_model", "corpus"), ("corpus", "embed"), ("embed", "index"),
+    for first, then in [("base_model", "corpus"), ("corpus", "embed_shard-1-of-1"),
+                        ("embed_shard-1-of-1", "embed"), ("embed", "index"),
                         ("index", "retrieve"), ("instructions", "retrieve"),
                         ("retrieve", "summarize_shard-1-of-1"),
                         ("summarize_shard-1-of-1", "summarize"),
@@ -59,7 +61,7 @@ def test_every_stage_runs_its_own_longctx_step(exported):
         assert any(dep.startswith("src/longctx/") for dep in stage["deps"]), name
     assert stages["index"]["params"] == ["index", "seed"]
     assert stages["embed"]["params"] == ["embed"]
-    assert "data/corpus/docs.parquet" in stages["embed"]["deps"]
+    assert "data/corpus/docs.parquet" in stages["embed_shard-1-of-1"]["deps"]
     assert stages["corpus"]["metrics"] == ["data/corpus/stats.json"]
     assert stages["summarize"]["params"] == ["llm", "seed", "summarize"]
     assert "src/longctx/llm/hf.py" in stages["summarize"]["deps"]  # a package's modules
@@ -201,7 +203,8 @@ def test_a_rules_cluster_job_asks_for_the_gpus_its_step_runs_on():
                       "slurm_partition": "short"}
     train = job_resources(on_gpu, "train_stage")
     assert train["gpu"] == 4 and train["slurm_extra"] == "--signal=USR1@120"
-    assert job_resources(on_gpu, "embed")["gpu"] == 1
+    assert job_resources(on_gpu, "embed_shard")["gpu"] == 1
+    assert "gpu" not in job_resources(on_gpu, "embed")  # the gather only concatenates
     assert "gpu" not in job_resources(on_gpu, "retrieve")  # its device is still auto
     served = {"llm": {"backend": "openai", "base_url": "http://localhost:8000/v1"}}
     assert "gpu" not in job_resources(served, "respond_shard")  # the server holds the GPU
