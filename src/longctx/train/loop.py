@@ -128,8 +128,18 @@ def train_stage(params: Params, *, stage: int, base: Path, init: Path, sequences
     metrics.end({"stage/length": plan.planned.length, "stage/rope_theta": plan.planned.rope_theta,
                  "stage/steps": step, "stage/learnt_tokens": summary["tokens"]})
     checkpointer.finish()
-    accelerator.end_training()
+    _shut_down(accelerator)
     return {**summary, "length": plan.planned.length, "rope_theta": plan.planned.rope_theta}
+
+
+def _shut_down(accelerator: Any) -> None:
+    """Every process done, then the DeepSpeed engine (its hooks and in-flight gathers) goes
+    before the process group: a gloo group torn down under pending work, or left to the
+    interpreter's exit, aborts the process ("terminate called without an active exception")
+    after a finished stage."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Any,
