@@ -16,12 +16,13 @@ the RSS of a bare Python process importing the step's code (`workflow.step_code`
 costs before it reads anything) and the corpus' text bytes (the reading before streaming
 held ~16x them).
 
-embed (one shard job: 1-of-1) runs the bundled MiniLM only at sizes up to --embed-max-size
-(2 CPU cores embed ~100 short documents/s); above it its RSS is extrapolated linearly from the
-two largest measured sizes and its time per document held at the largest's, marked
-`"extrapolated": true`. gather_embed (the shard parts into data/embeddings) and index (flat,
-exact) run on its output at the sizes embed measured. The steps whose work is LLM
-calls are listed under `not_covered` with the reason.
+niah_samples and ruler_samples run as one shard job (1-of-1: every unit; the job that reads
+the corpus). embed (one shard job too) runs the bundled MiniLM only at sizes up to
+--embed-max-size (2 CPU cores embed ~100 short documents/s); above it its RSS is
+extrapolated linearly from the two largest measured sizes and its time per document held at
+the largest's, marked `"extrapolated": true`. gather_embed (the shard parts into
+data/embeddings) and index (flat, exact) run on its output at the sizes embed measured. The
+steps whose work is LLM calls are listed under `not_covered` with the reason.
 
     python bench/scale.py                                 # 10K, 100K, 1M documents
     python bench/scale.py --sizes 10000,100000            # quicker
@@ -192,12 +193,12 @@ def step_commands(step: str, params: Path, model: Path, data: Path) -> list[str]
     """The `longctx <step>` command line, paths named as the rule names them."""
     base = [sys.executable, "-m", "longctx.cli", "--params", str(params)]
     return {
-        "niah_samples": base + ["niah-samples", "--model", str(model), "--docs",
-                                str(data / "docs.parquet"), "--samples",
-                                str(data / "niah.parquet")],
-        "ruler_samples": base + ["ruler-samples", "--model", str(model), "--docs",
-                                 str(data / "docs.parquet"), "--samples",
-                                 str(data / "ruler.parquet")],
+        "niah_samples": base + ["niah-samples", "--shard", "1-of-1", "--model", str(model),
+                                "--docs", str(data / "docs.parquet"), "--part",
+                                str(data / "niah-part.parquet")],
+        "ruler_samples": base + ["ruler-samples", "--shard", "1-of-1", "--model", str(model),
+                                 "--docs", str(data / "docs.parquet"), "--part",
+                                 str(data / "ruler-part.parquet")],
         "embed": base + ["embed", "--shard", "1-of-1", "--docs", str(data / "docs.parquet"),
                          "--part", str(data / "embed-part")],
         "gather_embed": base + ["gather-embed", "--parts", str(data / "embed-part"),

@@ -62,19 +62,21 @@ def scripted_llm(reply: Callable[[str], str], cache_path: Path | None = None,
     return LLM(backend, CallCache(cache_path) if cache_path else None, batch_size)
 
 
-def run_sharded(step: Callable, gather: Callable, cfg, llm: LLM, seed: int, *,
-                shards: int = 1, parts_dir: Path | None = None, **paths) -> dict:
+def run_sharded(step: Callable, gather: Callable, cfg, *args, shards: int = 1,
+                parts_dir: Path | None = None, **paths) -> dict:
     """`step` as `shards` shard jobs, then `gather` over their parts, as the DAG runs them.
-    `paths` are the step's inputs and the gather's outputs, by name; each function takes the
-    ones in its signature (the gather: the outputs, and `instructions` for its order)."""
+    `args` follow the section `cfg` (synthesis: the llm and the seed; eval samples: the
+    seed). `paths` are the step's inputs and the gather's outputs, by name; each function
+    takes the ones in its signature (the gather: the outputs, `instructions` for its order,
+    and `cfg` where its section gives the order)."""
     step_args = inspect.signature(step).parameters
     gather_args = inspect.signature(gather).parameters
     parts_dir = parts_dir or Path(paths["metrics"]).parent / "parts"
     parts = []
     for number in range(1, shards + 1):
         part = parts_dir / f"{number}-of-{shards}.parquet"
-        step(cfg, llm, seed, shard=Shard(number, shards), params="test", part=part,
+        step(cfg, *args, shard=Shard(number, shards), params="test", part=part,
              **{k: v for k, v in paths.items() if k in step_args})
         parts.append(part)
-    return gather(params="test", parts=parts,
+    return gather(*[cfg] if "cfg" in gather_args else [], params="test", parts=parts,
                   **{k: v for k, v in paths.items() if k in gather_args})

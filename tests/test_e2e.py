@@ -116,7 +116,8 @@ STAGES = ["base_model", "corpus", "embed", "index", "instructions", "retrieve", 
           "embed_shard-1-of-1", "summarize_shard-1-of-1", "respond_shard-1-of-1",
           "long_output_shard-1-of-1",
           "respond", "long_output", "pack-0", "pack-1", "train_stage-0", "train_stage-1",
-          "niah_samples", "ruler_samples", "report"] + [
+          "niah_samples_shard-1-of-1", "niah_samples", "ruler_samples_shard-1-of-1",
+          "ruler_samples", "report"] + [
           f"eval_{kind}-{model}" for kind in ("niah", "ruler") for model in MODELS]  # no lm-eval
 EDGES = [("base_model", "corpus"), ("corpus", "embed_shard-1-of-1"),
          ("embed_shard-1-of-1", "embed"), ("embed", "index"),
@@ -126,7 +127,8 @@ EDGES = [("base_model", "corpus"), ("corpus", "embed_shard-1-of-1"),
          ("long_output_shard-1-of-1", "long_output"),
          ("respond", "pack-0"), ("long_output", "pack-1"), ("pack-0", "train_stage-0"),
          ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1"),
-         ("niah_samples", "eval_niah-base"), ("ruler_samples", "eval_ruler-stage-0"),
+         ("niah_samples_shard-1-of-1", "niah_samples"), ("niah_samples", "eval_niah-base"),
+         ("ruler_samples_shard-1-of-1", "ruler_samples"), ("ruler_samples", "eval_ruler-stage-0"),
          ("train_stage-0", "eval_niah-stage-0"), ("train_stage-1", "eval_ruler-stage-1"),
          ("eval_ruler-stage-1", "report"), ("eval_niah-base", "report")]
 

@@ -36,8 +36,8 @@ def test_every_stage_runs_its_own_longctx_step(exported):
                                     "pack-0", "pack-1", "train_stage-0", "train_stage-1",
                                     "niah_samples", "ruler_samples", "report",
                                     "embed_shard-1-of-1", "summarize_shard-1-of-1",
-                                    "respond_shard-1-of-1",
-                                    "long_output_shard-1-of-1"]
+                                    "respond_shard-1-of-1", "long_output_shard-1-of-1",
+                                    "niah_samples_shard-1-of-1", "ruler_samples_shard-1-of-1"]
                                    + [f"eval_{kind}-{model}" for kind in ("niah", "ruler", "lmeval")
                                       for model in ("base", "stage-0", "stage-1")])
     for first, then in [("base_model", "corpus"), ("corpus", "embed_shard-1-of-1"),
@@ -49,6 +49,8 @@ def test_every_stage_runs_its_own_longctx_step(exported):
                         ("respond_shard-1-of-1", "respond"),
                         ("respond", "pack-0"), ("pack-0", "train_stage-0"),
                         ("train_stage-0", "train_stage-1"), ("pack-1", "train_stage-1"),
+                        ("niah_samples_shard-1-of-1", "niah_samples"),
+                        ("ruler_samples_shard-1-of-1", "ruler_samples"),
                         ("niah_samples", "eval_niah-base"), ("train_stage-1", "eval_ruler-stage-1"),
                         ("eval_lmeval-stage-1", "report"), ("train_stage-1", "report")]:
         assert order.index(first) < order.index(then)

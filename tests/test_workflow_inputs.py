@@ -120,7 +120,7 @@ def test_each_rules_code_is_the_import_closure_of_its_step(stages):
         step = step_of(stage)
         assert src_deps(stage) == workflow.step_code(step), name
     assert "src/longctx/repro.py" in src_deps(stages["pack-0"])  # derive_seed's and writes
-    assert "src/longctx/llm/base.py" in src_deps(stages["niah_samples"])  # derive_seed
+    assert "src/longctx/llm/base.py" in src_deps(stages["niah_samples_shard-1-of-1"])  # derive_seed
     lmeval = workflow.step_code("eval-lmeval")  # (the micro DAG runs no lm-eval)
     assert "src/longctx/eval/tasks/longctx_cloze.yaml" in lmeval  # read beside lmeval.py
     assert "src/longctx/eval/plots.py" not in src_deps(stages["pack-0"])
@@ -224,7 +224,8 @@ def test_files_the_params_name_are_inputs_of_exactly_the_rules_that_read_them(pr
     params = load_params("params.yaml")
     assert [p.as_posix() for p in named_files(params, "corpus")] == [
         "inputs/corpus/a.jsonl", "inputs/corpus/b.jsonl"]  # the glob, expanded
-    readers = {"inputs/corpus/a.jsonl": {"corpus"}, "inputs/squad.json": {"ruler_samples"},
+    readers = {"inputs/corpus/a.jsonl": {"corpus"},
+               "inputs/squad.json": {"ruler_samples_shard-1-of-1", "ruler_samples"},
                "inputs/chats.jsonl": {"pack-0", "pack-1"},
                "configs/accelerate/single.yaml": {"train_stage-0", "train_stage-1"}}
     for path, expected in readers.items():

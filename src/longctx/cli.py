@@ -89,14 +89,20 @@ def _with_llm(args: argparse.Namespace, step, **given) -> Any:
                     **_paths(args, "model"))
 
 
-def _part_params(args: argparse.Namespace, section: str) -> str:
+def _part_params(args: argparse.Namespace, section: str,
+                 shared: tuple[str, ...] = ("llm", "seed")) -> str:
     """What a sharded step's parts are checked against at gather: the params its rules pass
-    (its own section, llm and seed)."""
+    (its own section and the `shared` ones: llm and seed, or seed alone for steps without
+    an LLM)."""
     from longctx.repro import fingerprint
 
     params = _params(args)
-    return fingerprint({"section": getattr(params, section).model_dump(mode="json"),
-                        "llm": params.llm.model_dump(mode="json"), "seed": params.seed})
+
+    def dump(name: str) -> Any:
+        value = getattr(params, name)  # a section, or the seed
+        return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+    return fingerprint({"section": dump(section), **{name: dump(name) for name in shared}})
 
 
 def cmd_instructions(args: argparse.Namespace) -> None:
@@ -199,19 +205,37 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_niah_samples(args: argparse.Namespace) -> None:
-    from longctx.eval.data import build_niah
+    from longctx.eval.data import niah_shard
 
     params = _params(args)
-    stats = build_niah(params.niah, params.seed, **_paths(args))
+    rows = niah_shard(params.niah, params.seed, params=_part_params(args, "niah", ("seed",)),
+                      **_paths(args))
+    log.info("niah-samples %s: %d samples -> %s", args.shard.name, rows, args.part)
+
+
+def cmd_gather_niah_samples(args: argparse.Namespace) -> None:
+    from longctx.eval.data import gather_niah
+
+    stats = gather_niah(_params(args).niah, params=_part_params(args, "niah", ("seed",)),
+                        **_paths(args))
     log.info("niah-samples: %d samples over %d lengths -> %s", stats["samples"],
              stats["lengths"], args.samples)
 
 
 def cmd_ruler_samples(args: argparse.Namespace) -> None:
-    from longctx.eval.data import build_ruler
+    from longctx.eval.data import ruler_shard
 
     params = _params(args)
-    stats = build_ruler(params.ruler, params.seed, **_paths(args))
+    rows = ruler_shard(params.ruler, params.seed, params=_part_params(args, "ruler", ("seed",)),
+                       **_paths(args))
+    log.info("ruler-samples %s: %d samples -> %s", args.shard.name, rows, args.part)
+
+
+def cmd_gather_ruler_samples(args: argparse.Namespace) -> None:
+    from longctx.eval.data import gather_ruler
+
+    stats = gather_ruler(_params(args).ruler, params=_part_params(args, "ruler", ("seed",)),
+                         **_paths(args))
     log.info("ruler-samples: %d samples (%d tasks x %d lengths) -> %s", stats["samples"],
              stats["tasks"], stats["lengths"], args.samples)
 

@@ -690,8 +690,8 @@ class LmevalConfig(Section):
 CLUSTER_RULES = (
     "base_model", "corpus", "embed_shard", "embed", "index", "instructions", "retrieve",
     "summarize_shard", "summarize", "respond_shard", "respond", "long_output_shard",
-    "long_output", "pack", "train_stage", "niah_samples", "ruler_samples", "eval_niah",
-    "eval_ruler", "eval_lmeval", "report",
+    "long_output", "pack", "train_stage", "niah_samples_shard", "niah_samples",
+    "ruler_samples_shard", "ruler_samples", "eval_niah", "eval_ruler", "eval_lmeval", "report",
 )
 
 
@@ -817,6 +817,11 @@ class ShardsConfig(Section):
                                         "by instruction id)")
     long_output: PositiveInt | None = Field(default=None, description="long_output shard jobs "
                                             "(split by document id)")
+    niah_samples: PositiveInt | None = Field(default=None, description="niah_samples shard "
+                                             "jobs (split by length; at most niah.lengths)")
+    ruler_samples: PositiveInt | None = Field(default=None, description="ruler_samples shard "
+                                              "jobs (split by task and length; at most "
+                                              "tasks x lengths)")
 
     def of(self, step: str) -> int:
         """The shard count of `step` (a section name: embed, summarize, respond, ...)."""

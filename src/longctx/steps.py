@@ -126,10 +126,16 @@ STEPS: dict[str, Step] = {s.command: s for s in (
           out("model", "the stage's model dir"),
           opt("live", "dvclive dir (metrics.json, plots)"),
           opt("checkpoints", "resumable state"))),
-    Step("niah-samples", "niah_samples", "the needle-in-a-haystack grid (lengths x depths), "
-         "sized in the base model's tokenizer", (BASE_MODEL, DOCS, out("samples", "parquet"))),
-    Step("ruler-samples", "ruler_samples", "the RULER tasks, sized in the base model's "
-         "tokenizer (cached per task and length)", (BASE_MODEL, DOCS, out("samples", "parquet"))),
+    Step("niah-samples", "niah_samples_shard", "the needle-in-a-haystack grid (lengths x "
+         "depths) at a shard's lengths, sized in the base model's tokenizer",
+         (SHARD, BASE_MODEL, DOCS, out("part", "the shard's samples"))),
+    Step("gather-niah-samples", "niah_samples", "niah-samples' shard parts, in length order",
+         (PARTS, out("samples", "parquet"))),
+    Step("ruler-samples", "ruler_samples_shard", "the RULER tasks at a shard's (task, length) "
+         "pairs, sized in the base model's tokenizer (cached per task and length)",
+         (SHARD, BASE_MODEL, DOCS, out("part", "the shard's samples"))),
+    Step("gather-ruler-samples", "ruler_samples", "ruler-samples' shard parts, in task and "
+         "length order", (PARTS, out("samples", "parquet"))),
     *(Step(f"eval-{kind}", f"eval_{kind}", f"one model answers {what}; scores per length "
            "(percent)", (MODEL_NAME, inp("model", "model dir"), inp("samples", "parquet"),
                          out("results", "results json"),

@@ -1,16 +1,39 @@
 # The evaluation half: samples are generated once (the base model's tokenizer serves every
 # model), then each model (base, stage-<k>) answers the NIAH grid and the RULER tasks and runs
 # lm-eval; `report` gathers every score into one metrics file, plots and an HTML page.
+# niah_samples and ruler_samples scatter into shard jobs (`<rule>_shard`, one per
+# shards.<rule>, split by task and length) that their own rule gathers into the samples table.
 EVAL_MODELS = eval_models(config)
 LMEVAL_MODELS = EVAL_MODELS if lmeval_tasks(config) else []  # lmeval.tasks: [] skips lm-eval
 
 
-rule niah_samples:
+rule niah_samples_shard:
     input:
         model=rules.base_model.output.model,
         docs=rules.corpus.output.docs,
         files=params_files(config, "niah", "seed"),
         code=step_code("niah-samples"),
+    output:
+        part="data/eval/parts/niah_samples/{shard}.parquet",
+    params:
+        **sections(config, "niah", "seed"),
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
+    threads: job_threads(workflow, config, "niah_samples_shard", local=1)
+    resources:
+        **job_resources(config, "niah_samples_shard"),
+    log:
+        "logs/niah_samples/{shard}.log",
+    shell:
+        step_command("niah-samples", shard="{wildcards.shard}")
+
+
+rule niah_samples:
+    input:
+        parts=expand(rules.niah_samples_shard.output.part,
+                     shard=shard_names(config, "niah_samples")),
+        files=params_files(config, "niah", "seed"),
+        code=step_code("gather-niah-samples"),
     output:
         samples="data/eval/niah.parquet",
     params:
@@ -21,15 +44,36 @@ rule niah_samples:
     log:
         "logs/niah_samples.log",
     shell:
-        step_command("niah-samples")
+        step_command("gather-niah-samples")
 
 
-rule ruler_samples:
+rule ruler_samples_shard:
     input:
         model=rules.base_model.output.model,
         docs=rules.corpus.output.docs,
         files=params_files(config, "ruler", "seed"),
         code=step_code("ruler-samples"),
+    output:
+        part="data/eval/parts/ruler_samples/{shard}.parquet",
+    params:
+        **sections(config, "ruler", "seed"),
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
+    threads: job_threads(workflow, config, "ruler_samples_shard", local=1)
+    resources:
+        **job_resources(config, "ruler_samples_shard"),
+    log:
+        "logs/ruler_samples/{shard}.log",
+    shell:
+        step_command("ruler-samples", shard="{wildcards.shard}")
+
+
+rule ruler_samples:
+    input:
+        parts=expand(rules.ruler_samples_shard.output.part,
+                     shard=shard_names(config, "ruler_samples")),
+        files=params_files(config, "ruler", "seed"),  # what its params name, as in every rule
+        code=step_code("gather-ruler-samples"),
     output:
         samples="data/eval/ruler.parquet",
     params:
@@ -40,7 +84,7 @@ rule ruler_samples:
     log:
         "logs/ruler_samples.log",
     shell:
-        step_command("ruler-samples")
+        step_command("gather-ruler-samples")
 
 
 def evaluated_model(wildcards):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from longctx.errors import LongctxError, one_line
 from longctx.llm.hf import render_chat
@@ -79,18 +79,30 @@ def largest_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
 _COLUMNS = [f for f in EvalSample.__dataclass_fields__]
 
 
+def sample_row(sample: EvalSample) -> dict[str, Any]:
+    """A sample as a table row, in the samples table and in a shard's part alike: the
+    references a list, the meta its key/value pairs in key order (a stable layout)."""
+    row = asdict(sample) | {"references": list(sample.references)}
+    row["meta"] = [{"key": k, "value": v} for k, v in sorted(sample.meta.items())]
+    return row
+
+
+def sample_from_row(row: dict[str, Any]) -> EvalSample:
+    """The sample of a `sample_row` read back (other columns, as a part's unit, ignored)."""
+    return EvalSample(**{name: row[name] for name in _COLUMNS}
+                      | {"references": tuple(row["references"]),
+                         "meta": {m["key"]: m["value"] for m in row["meta"]}})
+
+
 def write_samples(path: str | Path, samples: list[EvalSample]) -> None:
     """The samples table (parquet), written atomically."""
     import polars as pl
 
-    rows = [asdict(s) | {"references": list(s.references)} for s in samples]
     schema = {"task": pl.Utf8, "length": pl.Int64, "index": pl.Int64, "prompt": pl.Utf8,
               "answer_prefix": pl.Utf8, "references": pl.List(pl.Utf8), "metric": pl.Utf8,
               "max_new_tokens": pl.Int64, "prompt_tokens": pl.Int64, "depth": pl.Float64,
               "meta": pl.List(pl.Struct({"key": pl.Utf8, "value": pl.Utf8}))}
-    for row in rows:
-        row["meta"] = [{"key": k, "value": v} for k, v in sorted(row["meta"].items())]
-    frame = pl.DataFrame(rows, schema=schema)
+    frame = pl.DataFrame([sample_row(s) for s in samples], schema=schema)
     with atomic_path(path) as tmp:
         frame.write_parquet(tmp)
 
@@ -105,9 +117,4 @@ def read_samples(path: str | Path) -> list[EvalSample]:
     missing = [c for c in _COLUMNS if c not in frame.columns]
     if missing:
         raise LongctxError(f"{path}: not an evaluation samples table (missing {missing})")
-    out = []
-    for row in frame.iter_rows(named=True):
-        row["references"] = tuple(row["references"])
-        row["meta"] = {m["key"]: m["value"] for m in row["meta"]}
-        out.append(EvalSample(**row))
-    return out
+    return [sample_from_row(row) for row in frame.iter_rows(named=True)]
