@@ -467,6 +467,8 @@ def test_same_seed_same_bytes(world, tmp_path):
         return [(out / n).read_bytes() for n in ("sequences.parquet", "stats.json")]
 
     assert go(tmp_path / "a", SEED) == go(tmp_path / "b", SEED)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["sequences.parquet",
+                                                                  "stats.json"]  # no spill
     assert go(tmp_path / "c", SEED + 1)[0] != go(tmp_path / "a", SEED)[0]
     assert pq.read_schema(tmp_path / "a" / "sequences.parquet").remove_metadata() == SCHEMA
 

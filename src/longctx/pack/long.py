@@ -20,6 +20,7 @@ from tqdm import tqdm
 from longctx.config import PackConfig
 from longctx.llm.base import derive_seed
 from longctx.pack.chat import Chat, ChatTokenizer
+from longctx.pack.spill import Spill, Spilled
 from longctx.sequences import Tokenized
 from longctx.synth.tables import (
     check_instruction_ids,
@@ -140,7 +141,7 @@ class _LongFitter:
 
 
 def long_samples(cfg: PackConfig, chat: ChatTokenizer, count: Counter, length: int,
-                  seed: int, paths: dict[str, Path]) -> tuple[list[Tokenized], dict]:
+                 seed: int, paths: dict[str, Path], spill: Spill) -> tuple[list[Spilled], dict]:
     """Every kept response as a long sample fitted to `length`; (samples, stats)."""
     texts = read_instructions(paths["instructions"])
     ranked = {}
@@ -174,7 +175,7 @@ def long_samples(cfg: PackConfig, chat: ChatTokenizer, count: Counter, length: i
         if len(sample) < cfg.min_fill * length:
             reasons.append("under_filled")
             continue
-        samples.append(sample)
+        samples.append(spill.add(sample))
         documents["whole"] += sum(not d.cut for d in fit.docs)
         documents["cut"] += sum(d.cut for d in fit.docs)
         documents["filled"] += sum(d.filled for d in fit.docs)

@@ -8,7 +8,7 @@ import random
 from fractions import Fraction
 
 from longctx.config import Mixture
-from longctx.sequences import Tokenized
+from longctx.pack.spill import Spilled
 from longctx.synth.tables import count_reasons
 
 KINDS = ("long", "long_output", "short")
@@ -101,8 +101,8 @@ def why_none(info: dict, capacity: int) -> str:
 
 def stage_stats(stage: int, length: int, capacity: dict[str, int], shares: dict[str, Fraction],
            counts: dict[str, int], available: dict[str, int],
-           made: dict[str, tuple[list[Tokenized], dict]],
-           rows: list[tuple[str, list[Tokenized]]]) -> dict:
+           made: dict[str, tuple[list[Spilled], dict]],
+           rows: list[tuple[str, list[Spilled]]]) -> dict:
     """Everything packed and dropped; no timings, so a rerun writes the same bytes."""
     used = {k: s for k, s in shares.items() if counts[k] > 0}
     norm = sum(used.values())
@@ -118,7 +118,7 @@ def stage_stats(stage: int, length: int, capacity: dict[str, int], shares: dict[
             "repeats": max(0, counts[kind] - available[kind]),
             "samples": sum(len(s) for s in mine),
             "tokens": sum(len(x) for s in mine for x in s),
-            "learnt_tokens": sum(int(x.learn.sum()) for s in mine for x in s),
+            "learnt_tokens": sum(x.learnt for s in mine for x in s),
         }
     sizes = [sum(len(x) for x in samples) for _, samples in rows]
     histogram = [0] * HISTOGRAM_BINS

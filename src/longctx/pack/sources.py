@@ -13,7 +13,7 @@ from tqdm import tqdm
 from longctx.config import PackConfig
 from longctx.errors import LongctxError
 from longctx.pack.chat import ROLES, Chat, ChatTokenizer
-from longctx.sequences import Tokenized
+from longctx.pack.spill import Spill, Spilled
 from longctx.synth.prompts import merge_prompt, qfs_prompt
 from longctx.synth.tables import (
     check_instruction_ids,
@@ -23,8 +23,8 @@ from longctx.synth.tables import (
 )
 
 
-def long_output_samples(chat: ChatTokenizer, length: int, path: Path
-                         ) -> tuple[list[Tokenized], dict]:
+def long_output_samples(chat: ChatTokenizer, length: int, path: Path, spill: Spill
+                         ) -> tuple[list[Spilled], dict]:
     rows = [r for r in read_table(path, ["id", "instruction", "target", "kept"]) if r["kept"]]
     samples, reasons = [], []
     for row in tqdm(rows, desc="pack long_output", unit="sample", disable=None):
@@ -34,7 +34,7 @@ def long_output_samples(chat: ChatTokenizer, length: int, path: Path
         if len(sample) > length:
             reasons.append("too_long")
         else:
-            samples.append(sample)
+            samples.append(spill.add(sample))
     return samples, {"available_samples": len(rows), "reasons": reasons}
 
 
@@ -131,8 +131,8 @@ def _jsonl_records(path: Path) -> list[tuple[str, Any]]:
     return records
 
 
-def short_samples(cfg: PackConfig, chat: ChatTokenizer, length: int, paths: dict[str, Path]
-                   ) -> tuple[list[Tokenized], dict]:
+def short_samples(cfg: PackConfig, chat: ChatTokenizer, length: int, paths: dict[str, Path],
+                  spill: Spill) -> tuple[list[Spilled], dict]:
     if cfg.short_source == "file":
         chats = file_chats(cfg.short_path)
     else:
@@ -143,6 +143,6 @@ def short_samples(cfg: PackConfig, chat: ChatTokenizer, length: int, paths: dict
         if len(sample) > length:
             reasons.append("too_long")
         else:
-            samples.append(sample)
+            samples.append(spill.add(sample))
     return samples, {"available_samples": len(chats), "reasons": reasons}
 
