@@ -95,6 +95,17 @@ def test_a_sharded_step_counts_its_shard_jobs_and_the_gather():
     assert (rows["embed"].jobs, rows["index"].jobs) == (4, 1)
 
 
+def test_more_shards_than_a_steps_work_is_refused_naming_the_key():
+    problems = hand_plan(shards={"default": 2, "summarize": 5, "ruler_samples": 99}).problems
+    # 1000 documents make 1 embedding file (8192 each); 4 instructions; 13 tasks x 4 lengths
+    assert problems == [
+        "shards.embed=2 is more than the 1 embedding files (embed.shard_size documents each) "
+        "to split; lower shards.embed",
+        "shards.summarize=5 is more than the 4 instructions to split; lower shards.summarize",
+        "shards.ruler_samples=99 is more than the 52 RULER task-length pairs to split; lower "
+        "shards.ruler_samples"]
+
+
 def hand_plan(window: int = 8192, shards: dict | None = None):
     params = validate_params({
         "shards": shards or {},

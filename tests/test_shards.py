@@ -5,9 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from longctx.config import ShardsConfig
 from longctx.errors import LongctxError
 from longctx.parts import PART_KEY, read_parts, write_part
-from longctx.shards import Shard, check_count, names, shard_of
+from longctx.shards import SPLITS, Shard, check_count, names, shard_of
 
 SCHEMA = pa.schema([("instruction_id", pa.string()), ("value", pa.int64())])
 IDS = [f"{i:016x}" for i in range(0, 4000, 7)]  # 572 ids
@@ -33,9 +34,9 @@ def test_shard_names_are_snakemakes_and_bad_ones_are_refused():
 
 
 def test_more_shards_than_work_is_refused_naming_the_key():
-    check_count(Shard(1, 3), 3, "shards.respond", "instructions")
+    check_count(Shard(1, 3), 3, "respond")
     with pytest.raises(LongctxError, match=r"shards\.respond=4 is more than the 3 instructions"):
-        check_count(Shard(1, 4), 3, "shards.respond", "instructions")
+        check_count(Shard(1, 4), 3, "respond")
 
 
 def split(tmp_path, count, ids=IDS, params="p1", context=None, counters=None):
@@ -93,3 +94,7 @@ def test_gather_refuses_what_is_not_one_whole_split(tmp_path, problem):
                 "stray id": "not among the ids", "not a part": "not a shard part"}
     with pytest.raises(LongctxError, match=messages[problem]):
         read_parts(parts, SCHEMA, "p1", key="instruction_id", order=order, rerun="respond")
+
+
+def test_every_shards_key_says_what_it_splits():
+    assert set(SPLITS) == set(ShardsConfig.model_fields) - {"default"}

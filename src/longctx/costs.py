@@ -421,6 +421,20 @@ def training(params: Params, base: Shape, syn: Synthesis, filled: list[bool], ra
     return rows, problems, notes
 
 
+def shard_problems(params: Params, corpus: Corpus, syn: Synthesis) -> list[str]:
+    """Shard counts above the work they split: those shard jobs would refuse, after every
+    step before them has run (shards.count_problem)."""
+    from longctx.shards import count_problem
+
+    p = params
+    work = {"embed": -(-corpus.documents // p.embed.shard_size),
+            "summarize": syn.instructions, "respond": syn.instructions,
+            "long_output": syn.long_output, "niah_samples": len(p.niah.lengths),
+            "ruler_samples": len(p.ruler.tasks) * len(p.ruler.lengths)}
+    found = (count_problem(step, p.shards.of(step), items) for step, items in work.items())
+    return [problem for problem in found if problem is not None]
+
+
 def estimate(params: Params, models: Models, corpus: Corpus, rates: Rates) -> Plan:
     """Everything `longctx plan` prints, and every problem that makes it refuse."""
     plan = Plan()
@@ -430,6 +444,7 @@ def estimate(params: Params, models: Models, corpus: Corpus, rates: Rates) -> Pl
     synth_rows, syn = synthesis(params, corpus, models.llm, rates)
     plan.rows += synth_rows
     plan.problems += window_problems(params, models.llm)
+    plan.problems += shard_problems(params, corpus, syn)
     filled, problems = fill_problems(params, corpus)
     plan.problems += problems
     plan.stages, problems, plan.notes = training(params, models.base, syn, filled, rates)

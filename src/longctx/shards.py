@@ -62,8 +62,24 @@ def names(count: int) -> list[str]:
     return [Shard(i, count).name for i in range(1, count + 1)]
 
 
-def check_count(shard: Shard, items: int, key: str, what: str) -> None:
-    """More shards than work would leave jobs with nothing to do: refused, naming the key."""
-    if shard.count > max(items, 1):
-        raise LongctxError(f"{key}={shard.count} is more than the {items} {what} to split; "
-                           f"lower {key}")
+# What each sharded step (params: `shards.<step>`) splits, as its refusal names it.
+SPLITS = {"embed": "embedding files (embed.shard_size documents each)",
+          "summarize": "instructions", "respond": "instructions",
+          "long_output": "candidate documents", "niah_samples": "NIAH lengths",
+          "ruler_samples": "RULER task-length pairs"}
+
+
+def count_problem(step: str, count: int, items: int) -> str | None:
+    """More shards than work would leave jobs with nothing to do: the problem, naming the
+    key (None: the count is fine). `longctx plan` reports it before anything runs."""
+    if count <= max(items, 1):
+        return None
+    key = f"shards.{step}"
+    return f"{key}={count} is more than the {items} {SPLITS[step]} to split; lower {key}"
+
+
+def check_count(shard: Shard, items: int, step: str) -> None:
+    """A shard job refuses a count above its step's work (count_problem)."""
+    problem = count_problem(step, shard.count, items)
+    if problem is not None:
+        raise LongctxError(problem)

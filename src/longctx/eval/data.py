@@ -109,11 +109,11 @@ def ruler_units(cfg: RulerConfig) -> list[Unit]:
 
 
 def _write_shard(units: list[Unit], make: Callable[[Unit], list[EvalSample]],
-                 context: dict[str, Any], *, shard: Shard, key: str, what: str, params: str,
+                 context: dict[str, Any], *, shard: Shard, step: str, params: str,
                  part: Path, cache_dir: Path | None) -> int:
     """The samples of every unit `shard` owns, from the cache or made, in the params' order,
     to `part`; returns their number. A unit another shard owns costs nothing here."""
-    check_count(shard, len(units), key, what)
+    check_count(shard, len(units), step)
     cache_dir = cache_dir or cache_root() / "eval"
     rows: list[dict[str, Any]] = []
     for unit in units:
@@ -150,7 +150,7 @@ def niah_shard(cfg: NiahConfig, seed: int, *, shard: Shard, params: str, model: 
         niah_units(cfg),
         lambda unit: niah_grid([unit[1]], cfg.depths, cfg.trials, seed, measure, sources(),
                                max_new_tokens=cfg.max_new_tokens),
-        context, shard=shard, key="shards.niah_samples", what="NIAH lengths", params=params,
+        context, shard=shard, step="niah_samples", params=params,
         part=part, cache_dir=cache_dir)
 
 
@@ -178,7 +178,7 @@ def ruler_shard(cfg: RulerConfig, seed: int, *, shard: Shard, params: str, model
     return _write_shard(
         ruler_units(cfg),
         lambda unit: ruler.generate(unit[0], unit[1], cfg.samples, seed, measure, sources()),
-        context, shard=shard, key="shards.ruler_samples", what="RULER task-length pairs",
+        context, shard=shard, step="ruler_samples",
         params=params, part=part, cache_dir=cache_dir)
 
 

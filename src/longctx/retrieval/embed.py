@@ -347,8 +347,7 @@ def embed_shard(cfg: EmbedConfig, *, shard: Shard, params: str, docs: Path, part
     pf = check_docs(docs)
     n_docs = pf.metadata.num_rows
     files = -(-n_docs // cfg.shard_size)
-    check_count(shard, files, "shards.embed", f"embedding files (of embed.shard_size="
-                f"{cfg.shard_size} documents) to split")
+    check_count(shard, files, "embed")
     owned = file_range(files, shard)
     _, identity = resolve_model(cfg.model)
     device = resolve_device(cfg.device)

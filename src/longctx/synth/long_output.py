@@ -163,7 +163,7 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, shard: Shard, par
     if not candidates:
         log.warning("long_output: no document has %d-%d tokens; writing an empty table",
                     cfg.min_tokens, cfg.max_tokens)
-    check_count(shard, len(candidates), "shards.long_output", "candidate documents")
+    check_count(shard, len(candidates), "long_output")
     candidates = [d for d in candidates if shard.owns(d)]
     documents = read_documents(docs, candidates) if candidates else {}
     sampling = cfg.sampling(derive_seed(seed, "long_output"))

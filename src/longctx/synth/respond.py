@@ -86,7 +86,7 @@ def respond(cfg: RespondConfig, llm: LLM, seed: int, *, shard: Shard, params: st
                               ["instruction_id", "position", "level", "summary", "final"])
     notes = final_summaries(texts, summary_rows, Path(summaries), Path(instructions))
     owned = [iid for iid in texts if shard.owns(iid)]
-    check_count(shard, len(texts), "shards.respond", "instructions")
+    check_count(shard, len(texts), "respond")
     asked = [iid for iid in owned if iid in notes]
     sampling = cfg.sampling(derive_seed(seed, "respond"))
     chats = [prompts.respond_prompt(texts[iid], notes[iid]) for iid in asked]

@@ -254,7 +254,7 @@ def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, *, shard: Shard, params
     it, level by level, and write every summary of every level to `part`; returns the number
     of rows."""
     texts, ranked = _read_inputs(Path(instructions), Path(retrieved))
-    check_count(shard, len(texts), "shards.summarize", "instructions")
+    check_count(shard, len(texts), "summarize")
     ranked = {iid: ids for iid, ids in ranked.items() if shard.owns(iid)}
     doc_ids = list(dict.fromkeys(d for ids in ranked.values() for d in ids))
     documents = read_documents(docs, doc_ids)
