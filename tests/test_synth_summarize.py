@@ -362,3 +362,25 @@ def test_real_model_run_is_consistent_and_resumes_identically(tmp_path, tiny_mod
     assert resumed.total.hits == reference.total.hits + 4
     assert len(calls) == reference.total.batches - 2
     assert outputs(out) == outputs(tmp_path / "ref")
+
+
+def test_groups_of_instructions_give_the_rows_of_one_group(tmp_path):
+    docs = [two_chunks("p"), "Some irrelevant filler here.", two_chunks("q"), two_chunks("r")]
+    ranking = [[0, 1, 2, 3], [2, 0], [3], [1, 3, 0], [2]]
+    inputs = write_inputs(tmp_path / "in", [f"Compare the facts {i}." for i in range(5)], docs,
+                          ranking)
+    run(RECURSE_CFG, scripted_llm(reply), inputs, tmp_path / "one")
+    llm = scripted_llm(reply)
+    calls = []
+    chat = llm.chat
+
+    def spy(chats, sampling, template_version, desc="llm"):
+        calls.append((desc, len(chats)))
+        return chat(chats, sampling, template_version, desc=desc)
+
+    llm.chat = spy
+    cfg = RECURSE_CFG.model_copy(update={"instructions_per_group": 2})
+    run(cfg, llm, inputs, tmp_path / "groups")
+    assert outputs(tmp_path / "groups") == outputs(tmp_path / "one")
+    level0 = [n for desc, n in calls if desc == "qfs level 0"]
+    assert level0 == [7 + 4, 2 + 5, 2]  # a call per group: its instructions' chunks alone

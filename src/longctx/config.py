@@ -371,6 +371,10 @@ class SummarizeConfig(Decoding):
         "repeats (a looping model)"
     )
     max_new_tokens: PositiveInt = Field(default=384, description="tokens per summary")
+    instructions_per_group: PositiveInt = Field(
+        default=256, description="instructions summarised together, level by level: their "
+        "chunks and chats are what a job holds at once (memory, not results)"
+    )
 
 
 class RespondConfig(Decoding):

@@ -9,9 +9,12 @@ dropped), and while an instruction's summaries are longer than `budget_tokens` c
 ones are merged into summaries of summaries, one level at a time. Every summary of every level
 is a row (kept or why not), so a sample can be traced from its response down to the chunks.
 
-All chats of one level, over the shard's instructions, go to the LLM in one call, so batches
-fill up; a call's output does not depend on its batch-mates, so a killed run, or another
-shard count, gives the same rows.
+The shard's documents are read once (its instructions x top_k of them, not the corpus), then
+its instructions are summarised in groups of `instructions_per_group`: the chunks and chats
+a job holds at once are one group's. All chats of one level of a group go to the LLM in one
+call, so batches fill up.
+A call's output does not depend on its batch-mates, so a killed run, another group size or
+another shard count gives the same rows.
 """
 
 from __future__ import annotations
@@ -247,6 +250,24 @@ def _merged(iid: str, level: int, position: int, group: list[Summary],
                    kept=reason is None, reason=reason)
 
 
+def _by_group(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
+              ranked: dict[str, list[str]], documents: dict[str, dict]) -> tuple[Levels, int]:
+    """Every instruction's levels, `instructions_per_group` instructions at a time, and the
+    chunk reads max_chunks_per_document left out."""
+    levels: Levels = {}
+    reads_left_out = 0
+    order = list(ranked)
+    for start in range(0, len(order), cfg.instructions_per_group):
+        group = {iid: ranked[iid] for iid in order[start:start + cfg.instructions_per_group]}
+        doc_ids = list(dict.fromkeys(d for ids in group.values() for d in ids))
+        chunks, left_out = _chunk_documents(cfg, llm, documents, doc_ids)
+        reads_left_out += sum(left_out[d] for ids in group.values() for d in ids)
+        made = _level0(cfg, llm, seed, texts, group, chunks)
+        _recurse(cfg, llm, seed, texts, made)
+        levels |= made
+    return levels, reads_left_out
+
+
 def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, *, shard: Shard, params: str,
               instructions: str | Path, retrieved: str | Path, docs: str | Path,
               part: str | Path) -> int:
@@ -259,10 +280,7 @@ def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, *, shard: Shard, params
     doc_ids = list(dict.fromkeys(d for ids in ranked.values() for d in ids))
     documents = read_documents(docs, doc_ids)
     _check_window(cfg, llm, [texts[iid] for iid in ranked])
-    chunks, left_out = _chunk_documents(cfg, llm, documents, doc_ids)
-
-    levels = _level0(cfg, llm, seed, texts, ranked, chunks)
-    _recurse(cfg, llm, seed, texts, levels)
+    levels, reads_left_out = _by_group(cfg, llm, seed, texts, ranked, documents)
     rows = [asdict(row) for iid in texts for level in levels.get(iid, []) for row in level]
     context = {
         "chunk_tokens": cfg.chunk_tokens, "budget_tokens": cfg.budget_tokens,
@@ -272,7 +290,6 @@ def summarize(cfg: SummarizeConfig, llm: LLM, seed: int, *, shard: Shard, params
         "templates": {"qfs": VERSIONS["qfs"], "merge": VERSIONS["merge"]},
         "model": repro.fingerprint(llm.identity),
     }
-    reads_left_out = sum(left_out[d] for ids in ranked.values() for d in ids)
     write_part(part, rows, SCHEMA, shard, params=params, context=context,
                counters={"chunk_reads_left_out": reads_left_out})
     log.info("summarize %s: %d instructions, %d summaries", shard.name, len(ranked), len(rows))
