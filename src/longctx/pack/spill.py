@@ -14,6 +14,7 @@ pack's leftover is removed when it reruns.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,7 +49,7 @@ class Spill:
         self.directory = directory
         self._out: dict[str, BinaryIO] | None = {
             name: open(directory / name, "wb") for name in (IDS, LEARN)}
-        self._maps: dict[str, np.ndarray] = {}
+        self._in: dict[str, BinaryIO] = {}
         self._tokens = 0
 
     def add(self, sample: Tokenized) -> Spilled:
@@ -66,28 +67,33 @@ class Spill:
         return handle
 
     def load(self, handle: Spilled) -> Tokenized:
-        """The sample's tokens, read back from the spill (the first load ends writing)."""
+        """The sample's tokens, read back from the spill (the first load ends writing).
+        Read with pread, not a memory map: mapped pages would count in the job's RSS until
+        the kernel takes them back, a whole stage's tokens by the end."""
         if self._out is not None:
             self._seal()
-        if not handle.length:
-            return Tokenized(handle.id, np.zeros(0, np.int32), np.zeros(0, np.bool_))
-        span = slice(handle.start, handle.start + handle.length)
-        return Tokenized(handle.id, np.array(self._maps[IDS][span]),
-                         np.array(self._maps[LEARN][span]))
+        ids = self._read(IDS, handle.start * 4, handle.length * 4)
+        learn = self._read(LEARN, handle.start, handle.length)
+        return Tokenized(handle.id, np.frombuffer(ids, np.int32), np.frombuffer(learn, np.bool_))
+
+    def _read(self, name: str, offset: int, size: int) -> bytes:
+        data = os.pread(self._in[name].fileno(), size, offset)
+        if len(data) != size:
+            raise RuntimeError(f"{self.directory / name}: {len(data)} bytes at {offset}, "
+                               f"{size} expected (the spill was changed under pack)")
+        return data
 
     def _seal(self) -> None:
-        """Writing done: the files flushed and mapped for reading."""
+        """Writing done: the files closed and opened for reading."""
         self.close()
-        if self._tokens:  # an empty file cannot be mapped
-            self._maps = {name: np.memmap(self.directory / name, dtype=dtype, mode="r")
-                          for name, dtype in ((IDS, np.int32), (LEARN, np.bool_))}
+        self._in = {name: open(self.directory / name, "rb") for name in (IDS, LEARN)}
 
     def close(self) -> None:
-        """Files closed, maps dropped (the directory can go)."""
-        for f in (self._out or {}).values():
+        """Every file closed (the directory can go)."""
+        for f in [*(self._out or {}).values(), *self._in.values()]:
             f.close()
         self._out = None
-        self._maps = {}
+        self._in = {}
 
 
 @contextmanager
