@@ -64,3 +64,25 @@ def test_scale_bench_smoke(tmp_path):
             assert r["us_per_doc"] == round(r["wall_s"] / r["documents"] * 1e6, 2)
         assert result["slope"] == {}  # one size: no slope
     assert not (tmp_path / "work" / "corpus-300").exists()  # corpora are deleted after use
+
+
+def test_pack_memory_bench_smoke(tmp_path):
+    model = build_tiny_chat_model(tmp_path / "model", max_positions=2048)
+    out = tmp_path / "pack.json"
+    cmd = [sys.executable, str(REPO / "bench" / "pack_memory.py"), "--sizes", "20,10",
+           "--docs", "200", "--top-k", "8", "--length", "512", "--model-dir", str(model),
+           "--out", str(out)]
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert json.loads(out.read_text()) == report
+    assert {"benchmark", "machine", "settings", "baseline", "sizes", "growth"} <= set(report)
+    rows = report["sizes"]
+    assert [r["instructions"] for r in rows] == [10, 20]
+    for r in rows:  # every sample fills its own sequence from its own documents
+        assert r["sequences"] == r["instructions"]
+        assert 0.5 * 512 * r["instructions"] <= r["tokens"] <= 512 * r["instructions"]
+        assert r["peak_rss_mib"] > report["baseline"]["imports"]["peak_rss_mib"]
+        assert r["tokens_as_arrays_mib"] == round(r["tokens"] * 5 / 2**20, 1)
+        assert not r["spill_left"]
