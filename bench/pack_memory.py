@@ -36,12 +36,12 @@ TOKEN_BYTES = 5  # an int32 id and a bool learn flag
 def write_synthesis(root: Path, n: int, docs: Path, top_k: int, seed: int) -> None:
     """instructions, retrieved (top_k random documents each), responses (all kept), and empty
     summaries and long_output tables, in the schemas the steps write."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from longctx.synth.instructions import SCHEMA as INSTRUCTIONS
     from longctx.synth.long_output import LONG_OUTPUT_SCHEMA
     from longctx.synth.respond import RESPONSES_SCHEMA
+    from longctx.synth.retrieve import SCHEMA as RETRIEVED
     from longctx.synth.summarize import SCHEMA as SUMMARIES
     from longctx.synth.tables import write_table
 
@@ -55,9 +55,7 @@ def write_synthesis(root: Path, n: int, docs: Path, top_k: int, seed: int) -> No
     picks = rng.integers(0, len(doc_ids), size=(n, top_k))
     write_table(root / "retrieved.parquet", [
         {"instruction_id": i, "doc_ids": [doc_ids[d] for d in row], "scores": [1.0] * top_k}
-        for i, row in zip(ids, picks)],
-        pa.schema([("instruction_id", pa.string()), ("doc_ids", pa.list_(pa.string())),
-                   ("scores", pa.list_(pa.float32()))]))
+        for i, row in zip(ids, picks)], RETRIEVED)
     write_table(root / "responses.parquet", [
         {"instruction_id": i, "response": f"The documents agree on topic {k}. " * 8,
          "finish_reason": "stop", "n_tokens": 64, "kept": True, "reason": None}
