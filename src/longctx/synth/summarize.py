@@ -253,7 +253,8 @@ def _merged(iid: str, level: int, position: int, group: list[Summary],
 def _by_group(cfg: SummarizeConfig, llm: LLM, seed: int, texts: dict[str, str],
               ranked: dict[str, list[str]], documents: dict[str, dict]) -> tuple[Levels, int]:
     """Every instruction's levels, `instructions_per_group` instructions at a time, and the
-    chunk reads max_chunks_per_document left out."""
+    chunk reads max_chunks_per_document left out. A document two groups retrieve is chunked
+    in each (chunks are not kept across groups: that would hold the shard's again)."""
     levels: Levels = {}
     reads_left_out = 0
     order = list(ranked)
