@@ -12,7 +12,7 @@ upper bounds (every call writes its max_new_tokens), so LLM time is an upper bou
 The counts follow the steps' own rules, imported where they are functions: the first
 instructions round (synth.instructions.round_prompts), summarize's level-by-level merging
 (synth.summarize), pack's sequences per kind (pack.plan.plan_counts), the RoPE schedule
-(train.rope.check_stages), sequences per step (train.distributed.sequences_per_step).
+(train.rope.check_stages), sequences per step (train.positions.sequences_per_step).
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ def training(params: Params, base: Shape, syn: Synthesis, filled: list[bool], ra
     kind), what training reads, FLOPs = 6 N tokens + 6 L d T per token of causal attention
     (T: the span a token attends over), GPU-hours; the problems and notes (repeats)."""
     from longctx.pack.plan import kind_shares, plan_counts
-    from longctx.train.distributed import sequences_per_step
+    from longctx.train.positions import sequences_per_step
 
     per_step = sequences_per_step(params.train, params.train.processes)
     thetas, problems = rope_bases(params, base)

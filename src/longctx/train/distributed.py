@@ -1,6 +1,7 @@
 """How a stage runs on one or many processes: Accelerate set up as the params and the launch
 config say (one process, DDP, FSDP2 or DeepSpeed ZeRO, DeepSpeed Ulysses context
-parallelism), and which sequences each process reads in each step.
+parallelism), and the batches each process reads in each step (at the positions of
+positions.py).
 
 The loop itself is the same code in every setup; everything that differs between them is
 here, so a launch config is the only switch. The data position is a function of the step and
@@ -22,6 +23,7 @@ from longctx.errors import LongctxError
 from longctx.sequences import SequenceTable
 from longctx.train.data import ROW_KERNELS, Packed, collate, shard, to_samples
 from longctx.train.launch import stop_with_launcher
+from longctx.train.positions import batch_indices
 
 
 def deepspeed_launched() -> bool:
@@ -101,21 +103,6 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer
         plugin.deepspeed_config.setdefault("zero_optimization", {})[
             "stage3_gather_16bit_weights_on_model_save"] = True
     return accelerator.prepare(model, optimizer)
-
-
-def sequences_per_step(cfg: TrainConfig, world: int) -> int:
-    """Sequences one optimizer step reads over all processes (a context-parallel group
-    shares its sequences)."""
-    return cfg.batch_size * cfg.grad_accum * world // cfg.context_parallel
-
-
-def batch_indices(step: int, micro: int, rank: int, cfg: TrainConfig, world: int) -> list[int]:
-    """Which sequences micro-batch `micro` of step `step` reads on process `rank`: the data
-    position is a function of the step, so resuming needs nothing but the step. The
-    `context_parallel` consecutive processes of a group read the same sequences."""
-    replicas, replica = world // cfg.context_parallel, rank // cfg.context_parallel
-    first = ((step * cfg.grad_accum + micro) * replicas + replica) * cfg.batch_size
-    return list(range(first, first + cfg.batch_size))
 
 
 def step_batches(sequences: SequenceTable, step: int, accelerator: Any, cfg: TrainConfig,

@@ -48,6 +48,7 @@ from longctx.train.checkpoint import Checkpointer, Signals, run_name
 from longctx.train.data import Packed
 from longctx.train.loss import IGNORE_INDEX, LossModel
 from longctx.train.metrics import Metrics, StepStats
+from longctx.train.positions import sequences_per_step
 from longctx.train.preflight import Plan
 from longctx.train.rope import stage_config
 
@@ -177,7 +178,7 @@ def _log_plan(plan: Plan, cfg: TrainConfig, world: int) -> None:
     log.info("stage %d: length %d, RoPE base %g (%s), %d steps of %d sequences, %d process(es)"
              "%s", plan.stage, planned.length, planned.rope_theta,
              "derived" if planned.derived else "given", plan.steps,
-             distributed.sequences_per_step(cfg, world), world,
+             sequences_per_step(cfg, world), world,
              f", context parallel {cfg.context_parallel}" if cfg.context_parallel > 1 else "")
 
 

@@ -26,7 +26,8 @@ from longctx.base_model import MANIFEST
 from longctx.config import Params, StagesConfig, TrainConfig
 from longctx.errors import LongctxError
 from longctx.sequences import SequenceTable
-from longctx.train.distributed import deepspeed_launched, sequences_per_step
+from longctx.train.distributed import deepspeed_launched
+from longctx.train.positions import sequences_per_step
 from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule
 
 
