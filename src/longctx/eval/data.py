@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from longctx.config import NiahConfig, RulerConfig
 from longctx.eval.niah import TASK as NIAH
+from longctx.eval.samples import SCHEMA as SAMPLES_SCHEMA
 from longctx.eval.samples import (
     ChatMeasure,
     EvalSample,
@@ -43,20 +44,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.jinja", "chat_template.json")
 _GENERATOR_CODE = ("samples.py", "niah.py", "ruler")  # under src/longctx/eval/
 # A shard's part: its samples (sample_row), each with the unit it belongs to.
-PART_SCHEMA = pa.schema([
-    ("unit", pa.string()),
-    ("task", pa.string()),
-    ("length", pa.int64()),
-    ("index", pa.int64()),
-    ("prompt", pa.large_string()),  # up to a 1M-token haystack each
-    ("answer_prefix", pa.string()),
-    ("references", pa.list_(pa.string())),
-    ("metric", pa.string()),
-    ("max_new_tokens", pa.int64()),
-    ("prompt_tokens", pa.int64()),
-    ("depth", pa.float64()),
-    ("meta", pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())]))),
-])
+PART_SCHEMA = pa.schema([("unit", pa.string()), *SAMPLES_SCHEMA])
 Unit = tuple[str, int]  # (task, length): what a shard owns and the cache holds
 
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+
 from longctx.errors import LongctxError, one_line
 from longctx.llm.hf import render_chat
 from longctx.repro import atomic_path
@@ -77,6 +79,20 @@ def largest_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
 
 
 _COLUMNS = [f for f in EvalSample.__dataclass_fields__]
+# The samples table, one column per EvalSample field, as `sample_row` lays them out.
+SCHEMA = pa.schema([
+    ("task", pa.string()),
+    ("length", pa.int64()),
+    ("index", pa.int64()),
+    ("prompt", pa.large_string()),  # up to a 1M-token haystack each
+    ("answer_prefix", pa.string()),
+    ("references", pa.list_(pa.string())),
+    ("metric", pa.string()),
+    ("max_new_tokens", pa.int64()),
+    ("prompt_tokens", pa.int64()),
+    ("depth", pa.float64()),
+    ("meta", pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())]))),
+])
 
 
 def sample_row(sample: EvalSample) -> dict[str, Any]:
@@ -98,10 +114,7 @@ def write_samples(path: str | Path, samples: list[EvalSample]) -> None:
     """The samples table (parquet), written atomically."""
     import polars as pl
 
-    schema = {"task": pl.Utf8, "length": pl.Int64, "index": pl.Int64, "prompt": pl.Utf8,
-              "answer_prefix": pl.Utf8, "references": pl.List(pl.Utf8), "metric": pl.Utf8,
-              "max_new_tokens": pl.Int64, "prompt_tokens": pl.Int64, "depth": pl.Float64,
-              "meta": pl.List(pl.Struct({"key": pl.Utf8, "value": pl.Utf8}))}
+    schema = pl.from_arrow(SCHEMA.empty_table()).schema
     frame = pl.DataFrame([sample_row(s) for s in samples], schema=schema)
     with atomic_path(path) as tmp:
         frame.write_parquet(tmp)
