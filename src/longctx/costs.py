@@ -424,10 +424,11 @@ def training(params: Params, base: Shape, syn: Synthesis, filled: list[bool], ra
 def shard_problems(params: Params, corpus: Corpus, syn: Synthesis) -> list[str]:
     """Shard counts above the work they split: those shard jobs would refuse, after every
     step before them has run (shards.count_problem)."""
+    from longctx.retrieval.embed_parts import vector_files
     from longctx.shards import count_problem
 
     p = params
-    work = {"embed": -(-corpus.documents // p.embed.shard_size),
+    work = {"embed": vector_files(corpus.documents, p.embed),
             "summarize": syn.instructions, "respond": syn.instructions,
             "long_output": syn.long_output, "niah_samples": len(p.niah.lengths),
             "ruler_samples": len(p.ruler.tasks) * len(p.ruler.lengths)}

@@ -41,6 +41,7 @@ from longctx.retrieval.embed_parts import (
     file_range,
     gather_embeddings,
     shard_name,
+    vector_files,
     write_part,
 )
 from longctx.shards import Shard, check_count
@@ -346,7 +347,7 @@ def embed_shard(cfg: EmbedConfig, *, shard: Shard, params: str, docs: Path, part
     docs = Path(docs)
     pf = check_docs(docs)
     n_docs = pf.metadata.num_rows
-    files = -(-n_docs // cfg.shard_size)
+    files = vector_files(n_docs, cfg)
     check_count(shard, files, "embed")
     owned = file_range(files, shard)
     _, identity = resolve_model(cfg.model)

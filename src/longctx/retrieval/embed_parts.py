@@ -55,6 +55,12 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
 
 
+def vector_files(documents: int, cfg: EmbedConfig) -> int:
+    """How many vector files a corpus of `documents` makes: one per embed.shard_size
+    documents, the last one partial (what shards.embed splits)."""
+    return -(-documents // cfg.shard_size)
+
+
 def file_range(files: int, shard: Shard) -> range:
     """The vector files shard `shard` owns: a contiguous 1/count of them, in corpus order."""
     return range((shard.number - 1) * files // shard.count, shard.number * files // shard.count)
