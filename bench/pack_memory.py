@@ -93,13 +93,15 @@ def measure(n: int, args, work: Path, model: Path, params: Path, env: dict) -> d
     os.link(work / "docs.parquet", data / "docs.parquet")
     write_synthesis(data, n, data / "docs.parquet", args.top_k, args.seed)
     out = work / f"pack-{n}"
+    from longctx.pack.spill import spill_dir
+
     result = run_measured(pack_command(params, model, data, out), env, work / f"pack-{n}.log")
     stats = json.loads((out / "stats.json").read_text())
     held = stats["tokens"] * TOKEN_BYTES / 2**20
     return {"instructions": n, "sequences": stats["sequences"], "tokens": stats["tokens"],
             **result, "us_per_sample": round(result["wall_s"] / n * 1e6, 1),
             "tokens_as_arrays_mib": round(held, 1),
-            "spill_left": (out / "sequences.parquet.spill").exists()}
+            "spill_left": spill_dir(out / "sequences.parquet").exists()}
 
 
 def main() -> None:

@@ -96,12 +96,17 @@ class Spill:
         self._in = {}
 
 
+def spill_dir(output: str | Path) -> Path:
+    """Where pack's spill for `output` lives while pack runs."""
+    return Path(str(output) + ".spill")
+
+
 @contextmanager
 def spill_beside(output: str | Path) -> Iterator[Spill]:
     """A `Spill` in `<output>.spill/`, emptied first and removed at the end, whatever
     happens (a killed run's is removed by the next), with the parents it made if nothing
     else went into them (a failed pack leaves nothing)."""
-    directory = Path(str(output) + ".spill")
+    directory = spill_dir(output)
     made = [p for p in (directory, *directory.parents) if not p.exists()]
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
