@@ -68,7 +68,7 @@ def run_sharded(step: Callable, gather: Callable, cfg, *args, shards: int = 1,
     `args` follow the section `cfg` (synthesis: the llm and the seed; eval samples: the
     seed). `paths` are the step's inputs and the gather's outputs, by name; each function
     takes the ones in its signature (the gather: the outputs, `instructions` for its order,
-    and `cfg` where its section gives the order)."""
+    `cfg` where its section gives the order, and `args` too where it calls the llm)."""
     step_args = inspect.signature(step).parameters
     gather_args = inspect.signature(gather).parameters
     parts_dir = parts_dir or Path(paths["metrics"]).parent / "parts"
@@ -78,5 +78,6 @@ def run_sharded(step: Callable, gather: Callable, cfg, *args, shards: int = 1,
         step(cfg, *args, shard=Shard(number, shards), params="test", part=part,
              **{k: v for k, v in paths.items() if k in step_args})
         parts.append(part)
-    return gather(*[cfg] if "cfg" in gather_args else [], params="test", parts=parts,
+    given = [cfg, *args] if "llm" in gather_args else [cfg] if "cfg" in gather_args else []
+    return gather(*given, params="test", parts=parts,
                   **{k: v for k, v in paths.items() if k in gather_args})

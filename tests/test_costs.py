@@ -13,7 +13,7 @@ from longctx.cli import main
 from longctx.config import load_params, validate_params
 from longctx.costs import Models, Rates, estimate
 from longctx.costs_models import Corpus, shape_from_config
-from longctx.synth.instructions import generate_instructions
+from longctx.synth.instructions import first_round, gather_instructions
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "configs" / "paper-8b-1m.yaml"
@@ -175,10 +175,10 @@ def test_micro_instruction_prompts_are_what_the_step_sends(tmp_path):
         return "\n".join(f"{i}. {next(served)}" for i in range(1, params.instructions.per_prompt
                                                                   + 1))
 
-    stats = generate_instructions(params.instructions, scripted_llm(reply), params.seed,
-                                  docs=write_topic_docs(tmp_path / "docs.parquet"),
-                                  instructions=tmp_path / "i.parquet",
-                                  metrics=tmp_path / "i.json")
+    stats = run_sharded(first_round, gather_instructions, params.instructions,
+                        scripted_llm(reply), params.seed,
+                        docs=write_topic_docs(tmp_path / "docs.parquet"),
+                        instructions=tmp_path / "i.parquet", metrics=tmp_path / "i.json")
     assert stats["rounds"] == 1 and stats["prompts"] == rows["instructions"].calls
 
 

@@ -113,7 +113,8 @@ def by_dvc(both_runs) -> tuple[Path, str]:
 
 
 STAGES = ["base_model", "corpus", "embed", "index", "instructions", "retrieve", "summarize",
-          "embed_shard-1-of-1", "summarize_shard-1-of-1", "respond_shard-1-of-1",
+          "embed_shard-1-of-1", "instructions_shard-1-of-1", "summarize_shard-1-of-1",
+          "respond_shard-1-of-1",
           "long_output_shard-1-of-1",
           "respond", "long_output", "pack-0", "pack-1", "train_stage-0", "train_stage-1",
           "niah_samples_shard-1-of-1", "niah_samples", "ruler_samples_shard-1-of-1",
@@ -121,7 +122,8 @@ STAGES = ["base_model", "corpus", "embed", "index", "instructions", "retrieve", 
           f"eval_{kind}-{model}" for kind in ("niah", "ruler") for model in MODELS]  # no lm-eval
 EDGES = [("base_model", "corpus"), ("corpus", "embed_shard-1-of-1"),
          ("embed_shard-1-of-1", "embed"), ("embed", "index"),
-         ("corpus", "instructions"), ("instructions", "retrieve"), ("index", "retrieve"),
+         ("corpus", "instructions_shard-1-of-1"), ("instructions_shard-1-of-1", "instructions"),
+         ("instructions", "retrieve"), ("index", "retrieve"),
          ("retrieve", "summarize_shard-1-of-1"), ("summarize_shard-1-of-1", "summarize"),
          ("summarize", "respond"), ("corpus", "long_output_shard-1-of-1"),
          ("long_output_shard-1-of-1", "long_output"),

@@ -1,10 +1,10 @@
-"""The sharded steps for real, on the micro profile: embed, summarize, respond and long_output
-as 3 shard jobs each write the bytes that 1 shard job writes, with the bundled models and a
-cold call cache, and Snakemake and the exported dvc.yaml see one job per shard.
+"""The sharded steps for real, on the micro profile: embed, instructions, summarize, respond
+and long_output as 3 shard jobs each write the bytes that 1 shard job writes, with the bundled
+models and a cold call cache, and Snakemake and the exported dvc.yaml see one job per shard.
 
-One project runs the DAG up to the corpus and the instructions; a copy of it (upstream
-artifacts and Snakemake's records included, so nothing upstream reruns) switches to 3 shards;
-then both run the sharded steps at once, one thread per job (the same floating point in both).
+One project runs the DAG up to the corpus; a copy of it (upstream artifacts and Snakemake's
+records included, so nothing upstream reruns) switches to 3 shards; then both run the sharded
+steps at once, one thread per job (the same floating point in both).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from longctx.repro import sha256_file
 
 pytestmark = pytest.mark.e2e
 
-SHARDED = ["embed", "summarize", "respond", "long_output"]
-TABLES = {"summarize": "summaries", "respond": "responses", "long_output": "long_output"}
+SHARDED = ["embed", "instructions", "summarize", "respond", "long_output"]
+TABLES = {"instructions": "instructions", "summarize": "summaries", "respond": "responses",
+          "long_output": "long_output"}
 TARGETS = ["data/index"] + [f"data/synth/{table}.parquet" for table in TABLES.values()]
 
 
@@ -52,10 +53,10 @@ def projects(root, tmp_path_factory) -> tuple[Path, Path, str]:
     for name in PROJECT_DIRS:
         shutil.copytree(root / name, one / name, ignore=shutil.ignore_patterns("__pycache__"))
     run(one, "longctx", "profile", "micro")
-    # micro writes 2 instructions and 1 long-output target: 3 shards need 3 of each
+    # micro writes 2 instructions (2 first-round prompts) and 1 long-output target: 3 shards
+    # need 3 instructions (3 prompts of 2) and 3 targets
     edit_params(one, instructions={"count": 3}, long_output={"count": 3})
-    run(one, "snakemake", "--cores", "1", "data/corpus/docs.parquet",
-        "data/synth/instructions.parquet")
+    run(one, "snakemake", "--cores", "1", "data/corpus/docs.parquet")
     three = one.parent / "three"
     shutil.copytree(one, three, symlinks=True)  # copy2: mtimes kept, upstream stays done
     shutil.rmtree(three / "cache", ignore_errors=True)  # cold: every call made anew
@@ -84,7 +85,7 @@ def test_one_job_per_shard_and_nothing_upstream_reruns(projects):
     for step in SHARDED:
         assert output.count(f"(Rule: {step}_shard)") == 3, step
         assert output.count(f"(Rule: {step})") == 1, step
-    for upstream in ("base_model", "corpus", "instructions"):
+    for upstream in ("base_model", "corpus"):
         assert f"(Rule: {upstream})" not in output
     assert (three / "logs/respond/2-of-3.log").is_file()
     assert sorted(p.name for p in (three / "data/parts/embed").iterdir()) == \

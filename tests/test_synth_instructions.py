@@ -10,13 +10,14 @@ import re
 import pyarrow.parquet as pq
 import pytest
 from retrieval_data import TOPICS, write_docs, write_topic_docs
-from synth_data import scripted_llm
+from synth_data import run_sharded, scripted_llm
 
 from longctx.config import InstructionsConfig
 from longctx.errors import LongctxError
 from longctx.synth.instructions import (
     REASONS,
-    generate_instructions,
+    first_round,
+    gather_instructions,
     instruction_id,
     parse_completion,
 )
@@ -55,12 +56,18 @@ def from_chunk(prompt: str) -> str:
             f"2. Write a timeline of every event linked to {words[0]} or {words[-1]}.")
 
 
-def run(tmp_path, config, reply, seed=0, docs=None, name="out", cache=None):
+def generate(config, llm, seed, shards=1, **paths) -> dict:
+    """The step as the DAG runs it: first-round shard jobs, then the gather."""
+    return run_sharded(first_round, gather_instructions, config, llm, seed, shards=shards,
+                       **paths)
+
+
+def run(tmp_path, config, reply, seed=0, docs=None, name="out", cache=None, shards=1):
     docs = docs or write_topic_docs(tmp_path / "docs.parquet")
     llm = scripted_llm(reply, cache_path=cache)
     out, stats_path = tmp_path / f"{name}.parquet", tmp_path / f"{name}.json"
-    stats = generate_instructions(config, llm, seed, docs=docs, instructions=out,
-                                  metrics=stats_path)
+    stats = generate(config, llm, seed, shards, docs=docs, instructions=out, metrics=stats_path,
+                     parts_dir=tmp_path / f"{name}-parts")
     assert json.loads(stats_path.read_text()) == stats
     return read_table(out, COLUMNS), stats, llm
 
@@ -222,6 +229,33 @@ def test_same_seed_same_bytes_other_seed_other_chunks(tmp_path):
     assert chunks and chunks.isdisjoint({r["seed_chunk"] for r in rows_c})
 
 
+# --------------------------------------------------------------------------- shard jobs
+
+
+def test_three_shard_jobs_write_the_bytes_of_one(tmp_path):
+    def reply(prompt):  # a function of the prompt; about half are too short to keep
+        if int(re.sub(r"\D", "", chunk_of(prompt).split()[0])) % 2:
+            return from_chunk(prompt)
+        return "1. ok\n2. fine"
+
+    docs = long_docs(tmp_path)
+    config = cfg(count=6, dedup_similarity=1.0, max_rounds=3)
+    _, one, _ = run(tmp_path, config, reply, docs=docs, name="one")
+    _, three, _ = run(tmp_path, config, reply, docs=docs, name="three", shards=3)
+    assert one["rounds"] > 1 and one["prompts"] > 5
+    assert three == one
+    for ext in ("parquet", "json"):
+        assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"three.{ext}").read_bytes()
+    owned = [len(pq.read_table(p)) for p in sorted((tmp_path / "three-parts").iterdir())]
+    assert len(owned) == 3 and sum(owned) == 5 * 2  # 5 first-round prompts, 2 items each
+
+
+def test_more_shards_than_first_round_prompts_are_refused(tmp_path):
+    with pytest.raises(LongctxError, match=r"shards\.instructions=7 is more than the 6 "
+                       r"first-round prompts"):
+        run(tmp_path, cfg(count=8, per_prompt=2), from_chunk, shards=7)
+
+
 # --------------------------------------------------------------------------- real model
 
 
@@ -238,8 +272,7 @@ def test_runs_on_a_real_transformers_model(tmp_path):
     docs = write_topic_docs(tmp_path / "docs.parquet")
     out, stats_path = tmp_path / "out.parquet", tmp_path / "stats.json"
     try:
-        stats = generate_instructions(config, llm, 0, docs=docs, instructions=out,
-                                      metrics=stats_path)
+        stats = generate(config, llm, 0, docs=docs, instructions=out, metrics=stats_path)
     except LongctxError as exc:  # gibberish may yield nothing usable: then say why
         assert re.search(r"no usable instruction after 2 rounds: \d+ candidates", str(exc))
         assert all(reason in str(exc) for reason in REASONS)

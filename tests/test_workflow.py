@@ -35,7 +35,8 @@ def test_every_stage_runs_its_own_longctx_step(exported):
                                     "retrieve", "summarize", "respond", "long_output",
                                     "pack-0", "pack-1", "train_stage-0", "train_stage-1",
                                     "niah_samples", "ruler_samples", "report",
-                                    "embed_shard-1-of-1", "summarize_shard-1-of-1",
+                                    "embed_shard-1-of-1", "instructions_shard-1-of-1",
+                                    "summarize_shard-1-of-1",
                                     "respond_shard-1-of-1", "long_output_shard-1-of-1",
                                     "niah_samples_shard-1-of-1", "ruler_samples_shard-1-of-1"]
                                    + [f"eval_{kind}-{model}" for kind in ("niah", "ruler", "lmeval")
@@ -43,6 +44,8 @@ def test_every_stage_runs_its_own_longctx_step(exported):
     for first, then in [("base_model", "corpus"), ("corpus", "embed_shard-1-of-1"),
                         ("embed_shard-1-of-1", "embed"), ("embed", "index"),
                         ("index", "retrieve"), ("instructions", "retrieve"),
+                        ("corpus", "instructions_shard-1-of-1"),
+                        ("instructions_shard-1-of-1", "instructions"),
                         ("retrieve", "summarize_shard-1-of-1"),
                         ("summarize_shard-1-of-1", "summarize"),
                         ("summarize", "respond_shard-1-of-1"),
@@ -207,6 +210,7 @@ def test_a_rules_cluster_job_asks_for_the_gpus_its_step_runs_on():
     assert train["gpu"] == 4 and train["slurm_extra"] == "--signal=USR1@120"
     assert job_resources(on_gpu, "embed_shard")["gpu"] == 1
     assert "gpu" not in job_resources(on_gpu, "embed")  # the gather only concatenates
+    assert job_resources(on_gpu, "instructions")["gpu"] == 1  # its gather runs later rounds
     assert "gpu" not in job_resources(on_gpu, "retrieve")  # its device is still auto
     served = {"llm": {"backend": "openai", "base_url": "http://localhost:8000/v1"}}
     assert "gpu" not in job_resources(served, "respond_shard")  # the server holds the GPU

@@ -81,7 +81,7 @@ def _with_llm(args: argparse.Namespace, step, **given) -> Any:
     from longctx.synth.tables import open_llm
 
     params = _params(args)
-    section = args.command.replace("-", "_")
+    section = args.command.removeprefix("gather-").replace("-", "_")
     shard = getattr(args, "shard", None)
     job = section if shard is None else f"{section}/{shard.name}"
     with open_llm(params.llm, args.model, job) as llm:
@@ -106,9 +106,16 @@ def _part_params(args: argparse.Namespace, section: str,
 
 
 def cmd_instructions(args: argparse.Namespace) -> None:
-    from longctx.synth.instructions import generate_instructions
+    from longctx.synth.instructions import first_round
 
-    stats = _with_llm(args, generate_instructions)
+    rows = _with_llm(args, first_round, params=_part_params(args, "instructions"))
+    log.info("instructions %s: %d candidates -> %s", args.shard.name, rows, args.part)
+
+
+def cmd_gather_instructions(args: argparse.Namespace) -> None:
+    from longctx.synth.instructions import gather_instructions
+
+    stats = _with_llm(args, gather_instructions, params=_part_params(args, "instructions"))
     log.info("instructions: %d kept of %d candidates -> %s", stats["kept"],
              stats["candidates"], args.instructions)
 

@@ -692,7 +692,8 @@ class LmevalConfig(Section):
 # Every rule of the DAG (workflow/rules/*.smk), the keys cluster.rules may name; a test holds
 # this list to the rules the .smk files define.
 CLUSTER_RULES = (
-    "base_model", "corpus", "embed_shard", "embed", "index", "instructions", "retrieve",
+    "base_model", "corpus", "embed_shard", "embed", "index", "instructions_shard",
+    "instructions", "retrieve",
     "summarize_shard", "summarize", "respond_shard", "respond", "long_output_shard",
     "long_output", "pack", "train_stage", "niah_samples_shard", "niah_samples",
     "ruler_samples_shard", "ruler_samples", "eval_niah", "eval_ruler", "eval_lmeval", "report",
@@ -815,6 +816,9 @@ class ShardsConfig(Section):
     default: PositiveInt = Field(default=1, description="shard jobs of a step not named here")
     embed: PositiveInt | None = Field(default=None, description="embed shard jobs (split by "
                                       "corpus rows, in whole files of embed.shard_size)")
+    instructions: PositiveInt | None = Field(default=None, description="instructions shard "
+                                             "jobs (split by first-round prompt; later "
+                                             "rounds run in the gather)")
     summarize: PositiveInt | None = Field(default=None, description="summarize shard jobs "
                                           "(split by instruction id)")
     respond: PositiveInt | None = Field(default=None, description="respond shard jobs (split "

@@ -426,9 +426,11 @@ def shard_problems(params: Params, corpus: Corpus, syn: Synthesis) -> list[str]:
     step before them has run (shards.count_problem)."""
     from longctx.retrieval.embed_parts import vector_files
     from longctx.shards import count_problem
+    from longctx.synth.instructions import round_prompts
 
     p = params
     work = {"embed": vector_files(corpus.documents, p.embed),
+            "instructions": round_prompts(p.instructions, p.instructions.count),
             "summarize": syn.instructions, "respond": syn.instructions,
             "long_output": syn.long_output, "niah_samples": len(p.niah.lengths),
             "ruler_samples": len(p.ruler.tasks) * len(p.ruler.lengths)}

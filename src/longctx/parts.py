@@ -47,7 +47,7 @@ class Gathered:
 
 
 def read_parts(paths: list[str | Path], schema: pa.Schema, params: str, *, key: str,
-               order: list[str] | None, rerun: str) -> Gathered:
+               order: list[str] | list[int] | None, rerun: str) -> Gathered:
     """Every part of one step, checked (all shards of one split, made with these `params`,
     sharing one context) and merged: rows ordered by the position of their `key` in `order`
     (the step's own order; None: by key), a shard's rows kept in its order."""
@@ -60,7 +60,7 @@ def read_parts(paths: list[str | Path], schema: pa.Schema, params: str, *, key: 
     merged = pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
     if order is None:
         order = sorted(set(merged.column(key).to_pylist()))
-    position = pc.index_in(merged.column(key), value_set=pa.array(order, pa.string()))
+    position = pc.index_in(merged.column(key), value_set=pa.array(order, schema.field(key).type))
     if position.null_count:
         stray = merged.column(key).filter(pc.is_null(position))[0].as_py()
         raise LongctxError(f"{rerun} parts: {key} {stray!r} is not among the ids this gather "

@@ -64,7 +64,8 @@ def names(count: int) -> list[str]:
 
 # What each sharded step (params: `shards.<step>`) splits, as its refusal names it.
 SPLITS = {"embed": "embedding files (embed.shard_size documents each)",
-          "summarize": "instructions", "respond": "instructions",
+          "instructions": "first-round prompts", "summarize": "instructions",
+          "respond": "instructions",
           "long_output": "candidate documents", "niah_samples": "NIAH lengths",
           "ruler_samples": "RULER task-length pairs"}
 

@@ -86,8 +86,12 @@ STEPS: dict[str, Step] = {s.command: s for s in (
          (PARTS, out("embeddings", "the embeddings dir"))),
     Step("index", "index", "build the FAISS index and check its recall",
          (inp("embeddings", "the embeddings dir"), out("index", "the index dir"))),
-    Step("instructions", "instructions", "the LLM writes multi-document instructions",
-         (DOCS, LLM, out("instructions", "instructions.parquet"), METRICS)),
+    Step("instructions", "instructions_shard", "the LLM writes multi-document instructions: "
+         "a shard's first-round prompts", (SHARD, DOCS, LLM, out("part", "the shard's "
+                                                                  "candidates"))),
+    Step("gather-instructions", "instructions", "instructions' shard parts, filtered in "
+         "prompt order, and the rounds that top them up",
+         (PARTS, DOCS, LLM, out("instructions", "instructions.parquet"), METRICS)),
     Step("retrieve", "retrieve", "top-k documents per instruction",
          (inp("instructions", "instructions.parquet"), inp("index", "the index dir"),
           inp("embeddings", "the embeddings dir"), out("retrieved", "retrieved.parquet"),

@@ -264,8 +264,10 @@ def exit_on_refusal(check: Callable[..., None], *args: Any) -> None:
 
 # --------------------------------------------------------------------------- cluster jobs
 
-# the rules that run the generator (a sharded step's shard jobs; its gather only reads parts)
-LLM_RULES = {"instructions", "summarize_shard", "respond_shard", "long_output_shard"}
+# the rules that run the generator: a sharded step's shard jobs (their gathers only read
+# parts, but instructions' gather runs the rounds after the first)
+LLM_RULES = {"instructions_shard", "instructions", "summarize_shard", "respond_shard",
+             "long_output_shard"}
 EVAL_RULES = {"eval_niah", "eval_ruler", "eval_lmeval"}
 
 

@@ -1,14 +1,39 @@
 # The synthesis half: the short model writes instructions, reads what the retriever finds
 # through query-focused summaries, and answers. LLM steps take every core (one at a time).
-# summarize, respond and long_output scatter into shard jobs (`<rule>_shard`, one per
-# shards.<step>) that their own rule gathers into the table later steps read: the shard jobs
-# run the LLM (its cores and GPUs), the gather is a light CPU job.
-rule instructions:
+# instructions, summarize, respond and long_output scatter into shard jobs (`<rule>_shard`,
+# one per shards.<step>) that their own rule gathers into the table later steps read: the
+# shard jobs run the LLM (its cores and GPUs), the gather is a light CPU job (but for
+# instructions, whose gather runs the later rounds).
+rule instructions_shard:
     input:
         docs=rules.corpus.output.docs,
         model=rules.base_model.output.model,
         files=params_files(config, "instructions", "llm", "seed"),
         code=step_code("instructions"),
+    output:
+        part="data/synth/parts/instructions/{shard}.parquet",
+    params:
+        **sections(config, "instructions", "llm", "seed"),
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
+    threads: job_threads(workflow, config, "instructions_shard")
+    resources:
+        **job_resources(config, "instructions_shard"),
+    log:
+        "logs/instructions/{shard}.log",
+    shell:
+        step_command("instructions", shard="{wildcards.shard}")
+
+
+# the gather runs the LLM too: the rounds after the first top up what the filters dropped
+rule instructions:
+    input:
+        parts=expand(rules.instructions_shard.output.part,
+                     shard=shard_names(config, "instructions")),
+        docs=rules.corpus.output.docs,
+        model=rules.base_model.output.model,
+        files=params_files(config, "instructions", "llm", "seed"),
+        code=step_code("gather-instructions"),
     output:
         instructions="data/synth/instructions.parquet",
         metrics="data/synth/instructions.json",
@@ -20,7 +45,7 @@ rule instructions:
     log:
         "logs/instructions.log",
     shell:
-        step_command("instructions")
+        step_command("gather-instructions")
 
 
 rule retrieve:

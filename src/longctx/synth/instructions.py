@@ -5,6 +5,12 @@ generation prompt, so instructions spread over the corpus's topics instead of re
 model's favourite few. Replies are parsed leniently (small models number, bullet, bold and
 preface their lists in every way), then filtered by length, exact and near duplicates. Rounds
 of prompts run until `count` instructions are kept or `max_rounds` is spent.
+
+The first round, which asks for all `count` instructions and so holds nearly every call,
+scatters into shard jobs by prompt number (rule `instructions_shard`); its gather (rule
+`instructions`) filters their candidates in prompt order and runs the rounds that top up what
+the filters dropped, which depend on what was kept so far. The result is the same bytes for
+any shard count.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from longctx.config import InstructionsConfig
 from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
+from longctx.parts import read_parts, write_part
+from longctx.shards import Shard, check_count
 from longctx.synth.prompts import VERSIONS, instructions_prompt
 from longctx.synth.quality import REFERS_TO_PROMPT_TEXT
 from longctx.synth.tables import count_reasons, read_documents, read_table, write_table
@@ -37,6 +45,11 @@ SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string()),
                     ("task_type", pa.string()), ("seed_doc_id", pa.string()),
                     ("seed_chunk", pa.large_string()), ("round", pa.int32()),
                     ("prompt", pa.int32())])
+# A shard job's part: its first-round candidates, parsed, with the parser's reason (null:
+# still in the running), in (prompt, item) order.
+CANDIDATES = pa.schema([("prompt", pa.int32()), ("instruction", pa.string()),
+                        ("reason", pa.string()), ("task_type", pa.string()),
+                        ("seed_doc_id", pa.string()), ("seed_chunk", pa.large_string())])
 EMBED_BATCH = 64
 
 # One list marker at the start of a line: bullets, "1." "1)" "(1)" "1:", "Instruction 1:".
@@ -187,10 +200,11 @@ def _filter_round(cands: list[Candidate], cfg: InstructionsConfig, dedup: Dedupe
 
 
 def _round(r: int, cfg: InstructionsConfig, llm: LLM, seed: int, docs_path: str | Path,
-           ids: list[str], n_prompts: int) -> tuple[list[Candidate], list[str], int]:
-    """One generation round: its candidates, finish reasons and number of unparseable replies.
-    Only the documents this round draws are read (a corpus may hold 10M)."""
-    rngs = [random.Random(derive_seed(seed, "instructions", r, p)) for p in range(n_prompts)]
+           ids: list[str], prompts: list[int]) -> tuple[list[Candidate], Counts]:
+    """Prompts `prompts` of generation round `r`: their candidates and reply counts. Each
+    prompt draws from its own seed, so it is the same whichever job sends it. Only the
+    documents the prompts draw are read (a corpus may hold 10M)."""
+    rngs = [random.Random(derive_seed(seed, "instructions", r, p)) for p in prompts]
     drawn = [rng.choice(ids) for rng in rngs]
     docs = read_documents(docs_path, drawn)
     plans, chats = [], []
@@ -203,39 +217,105 @@ def _round(r: int, cfg: InstructionsConfig, llm: LLM, seed: int, docs_path: str 
         chats.append(instructions_prompt(chunk, task_type, cfg.per_prompt))
     outs = llm.chat(chats, cfg.sampling(derive_seed(seed, "instructions", r)),
                     VERSIONS["instructions"], desc=f"instructions round {r}")
-    cands, unparseable = [], 0
-    for p, ((doc_id, chunk, task_type), out) in enumerate(zip(plans, outs)):
+    cands, counts = [], Counts()
+    for p, (doc_id, chunk, task_type), out in zip(prompts, plans, outs):
         items = parse_completion(out.text, out.finish_reason, cfg.per_prompt)
-        unparseable += not items
+        counts.add(out.finish_reason, parsed=bool(items))
         cands += [Candidate(t, why, task_type, doc_id, chunk, r, p) for t, why in items]
-    return cands, [o.finish_reason for o in outs], unparseable
+    return cands, counts
 
 
-def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, *, docs: str | Path,
-                          instructions: str | Path, metrics: str | Path) -> dict:
-    """Write `count` instructions seeded from `docs` to `instructions` (fewer, with a warning,
-    if rounds run out) and their stats to `metrics`."""
+@dataclass
+class Counts:
+    """The replies of some prompts: how many, how each finished, how many parsed to nothing
+    (additive: a shard job's are summed at gather)."""
+
+    prompts: int = 0
+    stop: int = 0
+    length: int = 0
+    unparseable: int = 0
+
+    def add(self, finish_reason: str, parsed: bool) -> None:
+        self.prompts += 1
+        self.stop += finish_reason == "stop"
+        self.length += finish_reason == "length"
+        self.unparseable += not parsed
+
+    def __iadd__(self, other: Counts) -> Counts:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+        return self
+
+
+def document_ids(docs: str | Path) -> list[str]:
+    """What seed chunks are drawn from, in a fixed order (sorted ids)."""
     ids = sorted(row["id"] for row in read_table(docs, ["id"]))
     if not ids:
         raise LongctxError(f"{docs}: no document to draw seed chunks from")
+    return ids
+
+
+def first_round(cfg: InstructionsConfig, llm: LLM, seed: int, *, shard: Shard, params: str,
+                docs: str | Path, part: str | Path) -> int:
+    """Shard job: the first round's prompts `shard` owns (by prompt number), every candidate
+    of their replies, parsed but not yet filtered, to `part`; returns the candidate count.
+    The first round asks for all `count` instructions, so it holds nearly every call."""
+    n_prompts = round_prompts(cfg, cfg.count)
+    check_count(shard, n_prompts, "instructions")
+    ids = document_ids(docs)
+    owned = [p for p in range(n_prompts) if shard.owns(str(p))]
+    cands, counts = _round(0, cfg, llm, seed, docs, ids, owned) if owned else ([], Counts())
+    write_part(part, [_candidate_row(c) for c in cands], CANDIDATES, shard, params=params,
+               context={"model": repro.fingerprint(llm.identity)}, counters=asdict(counts))
+    log.info("instructions %s: %d candidates from %d of the %d first-round prompts",
+             shard.name, len(cands), len(owned), n_prompts)
+    return len(cands)
+
+
+def gather_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, *, params: str,
+                        parts: list[Path], docs: str | Path, instructions: str | Path,
+                        metrics: str | Path) -> dict:
+    """The shards' first round, filtered in (prompt, item) order as one job would, then more
+    rounds here until `count` instructions are kept or `max_rounds` is spent. Writes them to
+    `instructions` (fewer, with a warning, if rounds run out) and their stats to `metrics`."""
+    got = read_parts(parts, CANDIDATES, params, key="prompt",
+                     order=list(range(round_prompts(cfg, cfg.count))), rerun="instructions")
+    if got.context and got.context["model"] != repro.fingerprint(llm.identity):
+        raise LongctxError("instructions parts: made by another generator than llm names; "
+                           "rerun instructions")
+    cands = [Candidate(r["instruction"], r["reason"], r["task_type"], r["seed_doc_id"],
+                       r["seed_chunk"], 0, r["prompt"]) for r in got.rows]
+    counts = Counts(**got.counters)
     dedup = Deduper(cfg.dedup_model, cfg.dedup_similarity)
     kept: list[Candidate] = []
-    cands: list[Candidate] = []
-    finish: list[str] = []
-    unparseable = rounds = 0
+    _filter_round(cands, cfg, dedup, kept)
+    rounds, ids = 1, None
     while rounds < cfg.max_rounds and len(kept) < cfg.count:
-        n_prompts = round_prompts(cfg, cfg.count - len(kept))
-        new, reasons, bad = _round(rounds, cfg, llm, seed, docs, ids, n_prompts)
+        ids = ids or document_ids(docs)
+        prompts = list(range(round_prompts(cfg, cfg.count - len(kept))))
+        new, more = _round(rounds, cfg, llm, seed, docs, ids, prompts)
         _filter_round(new, cfg, dedup, kept)
         cands += new
-        finish += reasons
-        unparseable += bad
+        counts += more
         rounds += 1
+    return _write(cfg, llm, seed, kept, cands, counts, rounds, instructions, metrics)
+
+
+def _candidate_row(c: Candidate) -> dict:
+    return {"prompt": c.prompt, "instruction": c.text, "reason": c.reason,
+            "task_type": c.task_type, "seed_doc_id": c.doc_id, "seed_chunk": c.chunk}
+
+
+def _write(cfg: InstructionsConfig, llm: LLM, seed: int, kept: list[Candidate],
+           cands: list[Candidate], counts: Counts, rounds: int, instructions: str | Path,
+           metrics: str | Path) -> dict:
+    """The kept instructions and the stats of every candidate; refuses to write none."""
     dropped = count_reasons([c.reason for c in cands], REASONS)
     if not kept:
         raise LongctxError(
             f"instructions: no usable instruction after {rounds} rounds: {len(cands)} "
-            f"candidates, dropped {dropped}, {unparseable} unparseable of {len(finish)} replies")
+            f"candidates, dropped {dropped}, {counts.unparseable} unparseable of "
+            f"{counts.prompts} replies")
     if len(kept) < cfg.count:
         log.warning("instructions: kept %d of the %d asked for after %d rounds (dropped %s)",
                     len(kept), cfg.count, rounds, dropped)
@@ -245,9 +325,9 @@ def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, *, docs:
                            for c in kept], SCHEMA)
     words = [len(c.text.split()) for c in kept]
     stats = {
-        "prompts": len(finish), "rounds": rounds, "candidates": len(cands), "kept": len(kept),
-        "dropped": dropped, "unparseable_outputs": unparseable,
-        "finish_reasons": count_reasons(finish, ("stop", "length")),
+        "prompts": counts.prompts, "rounds": rounds, "candidates": len(cands),
+        "kept": len(kept), "dropped": dropped, "unparseable_outputs": counts.unparseable,
+        "finish_reasons": {"stop": counts.stop, "length": counts.length},
         "task_types": count_reasons([c.task_type for c in kept], tuple(cfg.task_types)),
         "words": {"mean": round(sum(words) / len(words), 3), "max": max(words)},
         "count": cfg.count, "sampling": asdict(cfg.sampling(seed)),  # run seed; rounds derive
@@ -256,5 +336,5 @@ def generate_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, *, docs:
     }
     repro.write_json(metrics, stats)
     log.info("instructions: kept %d of %d candidates from %d prompts in %d rounds", len(kept),
-             len(cands), len(finish), rounds)
+             len(cands), counts.prompts, rounds)
     return stats
