@@ -88,6 +88,36 @@ def test_two_builds_are_byte_identical(kind, emb, tmp_path):
         assert a != (tmp_path / "c" / "docs.faiss").read_bytes()
 
 
+IVF = {"ivf_flat": CONFIGS["ivf_flat"],
+       "ivf_pq": IndexConfig(type="ivf_pq", nlist=16, nprobe=16, pq_m=8, pq_bits=6)}
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_pq"])
+def test_on_disk_lists_find_what_the_in_memory_index_finds(kind, emb, vectors, tmp_path):
+    cfg = IVF[kind].model_copy(update={"recall_sample": 100})
+    memory = build_index(cfg, 5, embeddings=emb, index=tmp_path / "memory")
+    on_disk = cfg.model_copy(update={"on_disk": True})
+    disk = build_index(on_disk, 5, embeddings=emb, index=tmp_path / "disk")
+    assert disk["recall"] == memory["recall"] and disk["ntotal"] == N
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == \
+        ["docs.faiss", "docs.ivfdata", "manifest.json"]  # the per-file parts are gone
+    assert disk["lists_sha256"] == sha256_file(tmp_path / "disk" / "docs.ivfdata")
+    build_index(on_disk, 5, embeddings=emb, index=tmp_path / "again")
+    for name in ("docs.faiss", "docs.ivfdata", "manifest.json"):
+        assert (tmp_path / "disk" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+    (tmp_path / "disk").rename(tmp_path / "moved")  # the lists are found next to the index
+    queries = vectors[::37].astype(np.float16).astype(np.float32)
+    found = [load_index(tmp_path / d).search(queries, 10) for d in ("memory", "moved")]
+    assert np.array_equal(found[0][1], found[1][1])
+    assert np.allclose(found[0][0], found[1][0])
+
+
+def test_on_disk_is_for_ivf_only():
+    with pytest.raises(ValueError, match="on_disk.*only IVF lists"):
+        IndexConfig(type="hnsw", on_disk=True)
+
+
 def test_collection_too_small_for_ivf(tmp_path):
     emb = write_embeddings(tmp_path / "emb", clustered_vectors(100, DIM, 5), 64)
     out = tmp_path / "index"

@@ -166,6 +166,10 @@ class IndexConfig(Section):
     train_size: PositiveInt = Field(
         default=262144, description="vectors sampled to train IVF/PQ quantizers"
     )
+    on_disk: bool = Field(
+        default=False, description="IVF: inverted lists in docs.ivfdata, built one embedding "
+        "file at a time and memory-mapped by searches (an index larger than memory)"
+    )
     build_threads: PositiveInt = Field(
         default=1, description="threads while building (1 keeps HNSW builds deterministic)"
     )
@@ -181,6 +185,9 @@ class IndexConfig(Section):
         if self.type in ("ivf_flat", "ivf_pq") and self.train_size < self.nlist:
             raise RuleError("train_size", f"{self.train_size} is below index.nlist {self.nlist} "
                             "(IVF needs at least nlist training vectors)")
+        if self.on_disk and self.type not in ("ivf_flat", "ivf_pq"):
+            raise RuleError("on_disk", f"only IVF lists can live on disk, not index.type "
+                            f"{self.type!r} (set type: ivf_flat or ivf_pq, or on_disk: false)")
         if self.type == "ivf_pq" and self.train_size < 2**self.pq_bits:
             raise RuleError("train_size", f"{self.train_size} is below 2**index.pq_bits = "
                             f"{2**self.pq_bits} (PQ needs at least that many training vectors)")

@@ -283,7 +283,8 @@ def data(params: Params, corpus: Corpus, embed: Shape, rates: Rates
             Row("embed", jobs(params, "embed"), f"{vectors:,} vectors x {dim} "
                 f"({embed.name}, {text_tokens:,.0f} tokens each)", disk=vectors * dim * 2,
                 gpu_hours=vectors / rate / 3600),
-            Row("index", jobs(params, "index"), f"{params.index.type} over {vectors:,} vectors",
+            Row("index", jobs(params, "index"), f"{params.index.type} over {vectors:,} vectors"
+                + (", lists on disk" if params.index.on_disk else ""),
                 disk=_index_bytes(params, vectors, dim)),
             Row("retrieve", jobs(params, "retrieve"), f"{queries:,} queries x top "
                 f"{params.retrieve.top_k}", gpu_hours=queries / rate / 3600)]

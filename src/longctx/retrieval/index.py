@@ -8,6 +8,12 @@ stored vectors used as queries.
 Builds are deterministic: the training sample and k-means are seeded, and the thread count is
 pinned while building (HNSW insertion order depends on threads), so the same embeddings, params
 and seed give the same `docs.faiss` bytes.
+
+An IVF index larger than memory (IVF-Flat over 10M 4096-d vectors is 164 GB) keeps its
+inverted lists on disk (`index.on_disk`): each embedding file goes into its own copy of the
+trained, empty index, and faiss merges their lists into `docs.ivfdata` (faiss.contrib.ondisk),
+which searches read through a memory map. The build then holds one embedding file, not the
+index, and finds what the in-memory index finds.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "longctx-index/1"
 INDEX_FILE = "docs.faiss"
+LISTS_FILE = "docs.ivfdata"  # index.on_disk: the inverted lists, next to INDEX_FILE
 MANIFEST = "manifest.json"
 
 
@@ -234,26 +241,23 @@ def build_index(cfg: IndexConfig, seed: int, *, embeddings: Path, index: Path) -
     train_rows = sample_rows(n, cfg.train_size, seed)
     check_capacity(cfg, n, len(train_rows), dim)
 
-    t0 = time.perf_counter()
-    with omp_threads(cfg.build_threads):
-        faiss_index = new_index(cfg, dim, seed)
-        if not faiss_index.is_trained:
-            log.info("training %s on %d vectors", cfg.type, len(train_rows))
-            faiss_index.train(emb.take(train_rows))
-        for _, vectors in emb.iter_shards():
-            faiss_index.add(vectors)
-    build_seconds = time.perf_counter() - t0
-
-    k = min(cfg.recall_k, n)
-    queries = emb.take(sample_rows(n, cfg.recall_sample, seed + 1))
-    _, truth = exact_topk(queries, emb.iter_shards(), k)
-    _, found = faiss_index.search(queries, k)
-    recall = recall_at_k(found, truth)
-    log.info("%s: %d vectors, built in %.1fs, recall@%d = %.4f", cfg.type, n, build_seconds,
-             k, recall)
-
     with atomic_path(index) as tmp:
         tmp.mkdir()
+        t0 = time.perf_counter()
+        with omp_threads(cfg.build_threads):
+            faiss_index = new_index(cfg, dim, seed)
+            if not faiss_index.is_trained:
+                log.info("training %s on %d vectors", cfg.type, len(train_rows))
+                faiss_index.train(emb.take(train_rows))
+            if cfg.on_disk:
+                _add_on_disk(faiss_index, emb, tmp)
+            else:
+                for _, vectors in emb.iter_shards():
+                    faiss_index.add(vectors)
+        build_seconds = time.perf_counter() - t0
+        k, queries, recall = _self_check(cfg, seed, emb, faiss_index)
+        log.info("%s: %d vectors, built in %.1fs, recall@%d = %.4f", cfg.type, n,
+                 build_seconds, k, recall)
         faiss.write_index(faiss_index, str(tmp / INDEX_FILE))
         manifest = {
             "format": FORMAT,
@@ -270,6 +274,7 @@ def build_index(cfg: IndexConfig, seed: int, *, embeddings: Path, index: Path) -
             "recall_sample": len(queries),
             "recall": recall,
             "index_sha256": sha256_file(tmp / INDEX_FILE),
+            **({"lists_sha256": sha256_file(tmp / LISTS_FILE)} if cfg.on_disk else {}),
             "embeddings": {
                 "dir": str(embeddings),
                 "manifest_sha256": sha256_file(emb.root / MANIFEST),
@@ -278,6 +283,41 @@ def build_index(cfg: IndexConfig, seed: int, *, embeddings: Path, index: Path) -
         }
         write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _self_check(cfg: IndexConfig, seed: int, emb: Embeddings, faiss_index: faiss.Index
+                ) -> tuple[int, np.ndarray, float]:
+    """recall@k of the index against exact search, stored vectors as queries: (k, queries,
+    recall)."""
+    k = min(cfg.recall_k, emb.n)
+    queries = emb.take(sample_rows(emb.n, cfg.recall_sample, seed + 1))
+    _, truth = exact_topk(queries, emb.iter_shards(), k)
+    _, found = faiss_index.search(queries, k)
+    return k, queries, recall_at_k(found, truth)
+
+
+def _add_on_disk(faiss_index: faiss.Index, emb: Embeddings, out: Path) -> None:
+    """Every embedding file into the trained, empty IVF `faiss_index`, its inverted lists
+    merged into `out/docs.ivfdata`: one file's vectors and lists in memory at a time. Ids are
+    embedding rows, as `add` gives them. The data file is named without its directory, so
+    the index reads it from wherever the index dir is (load_index)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    scratch = out / "parts"
+    scratch.mkdir()
+    parts = []
+    for start, vectors in emb.iter_shards():
+        part = faiss.clone_index(faiss_index)
+        part.add_with_ids(vectors, np.arange(start, start + len(vectors), dtype=np.int64))
+        parts.append(str(scratch / f"{len(parts):06d}.faiss"))
+        faiss.write_index(part, parts[-1])
+        del part
+    merge_ondisk(faiss_index, parts, str(out / LISTS_FILE))
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(faiss_index).invlists)
+    lists.filename = LISTS_FILE
+    for part in parts:
+        Path(part).unlink()
+    scratch.rmdir()
 
 
 def read_manifest(index_dir: str | Path) -> dict:
@@ -296,8 +336,8 @@ def load_index(index_dir: str | Path) -> faiss.Index:
     path = Path(index_dir) / INDEX_FILE
     if not path.is_file():
         raise LongctxError(f"{path}: index file missing")
-    try:
-        index = faiss.read_index(str(path))
+    try:  # an on-disk index's lists (docs.ivfdata) are found next to it, memory-mapped
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as exc:
         raise LongctxError(f"{path}: unreadable FAISS index ({exc})".splitlines()[0]) from None
     return apply_search_params(index, manifest.get("search_params", {}))
