@@ -26,6 +26,8 @@ from longctx.retrieval.search import Retriever
 from longctx.sequences import SCHEMA, read_sequences
 from longctx.synth.long_output import LONG_OUTPUT_SCHEMA
 from longctx.synth.respond import RESPONSES_SCHEMA
+from longctx.synth.retrieve import SCHEMA as RETRIEVED_SCHEMA
+from longctx.synth.retrieve import vector_column
 from longctx.synth.summarize import gather_summaries, summarize
 from longctx.synth.tables import write_table
 from longctx.train.data import pack_samples as data_pack
@@ -73,18 +75,25 @@ def tokenizer(world):
     return AutoTokenizer.from_pretrained(str(world / "model"))
 
 
-def write_synth(root, instructions, retrieved=None, responses=None, long_output=()):
-    """instructions {id: text}; retrieved {id: [doc index]}; responses {id: (text, kept)};
-    long_output [(id, instruction, target, kept)]."""
+def write_synth(root, instructions, retrieved=None, responses=None, long_output=(),
+                world=None):
+    """instructions {id: text}; retrieved {id: [doc index]} (else none: one empty row per
+    instruction, as retrieve writes it); responses {id: (text, kept)}; long_output [(id,
+    instruction, target, kept)]. With `world`, the query vectors are its embedder's, as
+    retrieve keeps them for pack's fill."""
     root.mkdir(parents=True, exist_ok=True)
     write_table(root / "instructions.parquet",
                 [{"id": k, "instruction": v} for k, v in instructions.items()],
                 pa.schema([("id", pa.string()), ("instruction", pa.string())]))
+    ranked = {k: (retrieved or {}).get(k, []) for k in instructions}
+    queries = np.zeros((len(ranked), 0), dtype=np.float32)
+    if world is not None and ranked:
+        queries = Retriever(world / "index", world / "emb").embed_queries(
+            [instructions[k] for k in ranked])
     write_table(root / "retrieved.parquet",
                 [{"instruction_id": k, "doc_ids": [doc_id(d) for d in v],
-                  "scores": [1.0] * len(v)} for k, v in (retrieved or {}).items()],
-                pa.schema([("instruction_id", pa.string()), ("doc_ids", pa.list_(pa.string())),
-                           ("scores", pa.list_(pa.float32()))]))
+                  "scores": [1.0] * len(v)} for k, v in ranked.items()],
+                RETRIEVED_SCHEMA, query=vector_column(queries))
     write_table(root / "responses.parquet",
                 [{"instruction_id": k, "response": text, "finish_reason": "stop",
                   "n_tokens": len(text.split()), "kept": kept, "reason": None if kept else "empty"}
@@ -216,13 +225,16 @@ def test_document_order_and_instruction_position(world, tmp_path, order, positio
     assert content.endswith("\n\n" + COMPARE) == (position == "end")
 
 
-def test_room_left_is_filled_from_a_new_search_and_thin_samples_are_dropped(world, tmp_path):
+def test_room_left_is_filled_from_a_new_search_and_thin_samples_are_dropped(world, tmp_path,
+                                                                           monkeypatch):
     question = "Compare how lava flows and ash clouds from volcanoes bury towns."
     synth = write_synth(tmp_path, {"v": question, "bare": "Explain honeybees and hives."},
                         {"v": [0, LONG["Alpha"]]},
-                        {"v": ("Lava and ash.", True), "bare": ("Bees.", True)})
-    rows, stats = run(world, synth, params(2000, mixture=ONLY_LONG, fill_top_k=4,
-                                           min_fill=0.33))
+                        {"v": ("Lava and ash.", True), "bare": ("Bees.", True)}, world=world)
+    with monkeypatch.context() as mp:  # pack searches with the query vectors retrieve kept
+        mp.setattr("longctx.retrieval.search.load_embedder", lambda *a: pytest.fail("loaded"))
+        rows, stats = run(world, synth, params(2000, mixture=ONLY_LONG, fill_top_k=4,
+                                               min_fill=0.33))
     hits = Retriever(world / "index", world / "emb").search([question], 4)[0]
     expected = [h.doc_id for h in hits if h.doc_id not in (doc_id(0), doc_id(LONG["Alpha"]))]
     assert len(expected) >= 3

@@ -69,7 +69,7 @@ class CountingIndex:
     """Wraps a faiss index to record the k of every search."""
 
     def __init__(self, index):
-        self.index, self.ntotal, self.ks = index, index.ntotal, []
+        self.index, self.ntotal, self.d, self.ks = index, index.ntotal, index.d, []
 
     def search(self, x, k):
         self.ks.append(k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from retrieval_data import topic_id, write_topic_docs
@@ -12,7 +13,7 @@ from longctx.config import EmbedConfig, IndexConfig, RetrieveConfig
 from longctx.errors import LongctxError
 from longctx.retrieval.embed import embed_corpus
 from longctx.retrieval.index import build_index
-from longctx.synth.retrieve import retrieve
+from longctx.synth.retrieve import query_vectors, retrieve
 from longctx.synth.tables import read_table, write_table
 
 INSTRUCTIONS = pa.schema([("id", pa.string()), ("instruction", pa.string())])
@@ -53,6 +54,22 @@ def test_each_instruction_gets_its_topic_first_and_k_documents(built, tmp_path):
         assert row["scores"] == sorted(row["scores"], reverse=True)
     assert stats["hits"] == 12 and stats["documents_per_instruction"] == 4.0
     assert json.loads((tmp_path / "stats.json").read_text()) == stats
+
+
+def test_the_query_vectors_searched_are_kept_for_pack(built, tmp_path):
+    from longctx.retrieval.search import Retriever
+
+    rows, _ = run(built, tmp_path, top_k=3)
+    retriever = Retriever(built / "index", built / "emb")
+    asked = ["i-chess", "i-volcano"]
+    kept = query_vectors(tmp_path / "retrieved.parquet", asked)
+    assert kept.shape == (2, 384) and kept.dtype == np.float32
+    assert np.allclose(kept, retriever.embed_queries([ASKED[k][0] for k in asked]), atol=1e-5)
+    again = retriever.search_vectors(kept, 3)  # the same hits without the embedder
+    assert [[h.doc_id for h in hits] for hits in again] == \
+        [r["doc_ids"] for r in rows if r["instruction_id"] in asked][::-1]
+    with pytest.raises(LongctxError, match="no query vector for instruction 'nope'"):
+        query_vectors(tmp_path / "retrieved.parquet", ["nope"])
 
 
 def test_min_score_drops_weak_hits_and_counts_them(built, tmp_path):

@@ -187,9 +187,10 @@ def _fill(cfg: PackConfig, fitter: _LongFitter, hungry: list[_Fit], docs: dict[s
           paths: dict[str, Path]) -> None:
     """One batched search for every sample whose own documents left room."""
     from longctx.retrieval.search import Retriever
+    from longctx.synth.retrieve import query_vectors
 
-    retriever = Retriever(paths["index"], paths["embeddings"])
-    hits = retriever.search([f.instruction for f in hungry], cfg.fill_top_k)
+    vectors = query_vectors(paths["retrieved"], [f.instruction_id for f in hungry])
+    hits = Retriever(paths["index"], paths["embeddings"]).search_vectors(vectors, cfg.fill_top_k)
     more = [[h.doc_id for h in found if h.doc_id not in {d.doc_id for d in fit.docs}]
             for fit, found in zip(hungry, hits)]
     docs.update(read_documents(paths["docs"], [d for ids in more for d in ids if d not in docs]))

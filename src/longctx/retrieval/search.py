@@ -64,17 +64,25 @@ class Retriever:
         self.row_doc = codes.indices.to_numpy()
         self.row_passage = rows.column("passage").to_numpy()
         self.rows_per_doc = math.ceil(rows.num_rows / max(1, len(self.doc_names)))
+        self.embeddings_dir, self.device = Path(embeddings_dir), device
+        self._model = None
 
-        model = self.manifest["model"]
-        _, identity = resolve_model(model["name"])
-        if identity["files"] != model["files"]:
-            raise LongctxError(
-                f"embed.model: {model['name']!r} differs from the model that embedded "
-                f"{embeddings_dir} (file hashes); rerun the embed step"
+    @property
+    def model(self):
+        """The query embedder, loaded on first use: a search with given vectors never loads
+        it (pack fills with the vectors retrieve kept)."""
+        if self._model is None:
+            model = self.manifest["model"]
+            _, identity = resolve_model(model["name"])
+            if identity["files"] != model["files"]:
+                raise LongctxError(
+                    f"embed.model: {model['name']!r} differs from the model that embedded "
+                    f"{self.embeddings_dir} (file hashes); rerun the embed step"
+                )
+            self._model = load_embedder(
+                model["name"], self.device, self.manifest.get("trust_remote_code", False)
             )
-        self.model = load_embedder(
-            model["name"], device, self.manifest.get("trust_remote_code", False)
-        )
+        return self._model
 
     def embed_queries(self, queries: list[str]) -> np.ndarray:
         return encode(
@@ -83,7 +91,13 @@ class Retriever:
         )
 
     def search(self, queries: list[str], k: int) -> list[list[Hit]]:
-        """Top-k distinct documents per query, best first.
+        """Top-k distinct documents per query, best first (search_vectors)."""
+        if k < 1:
+            raise LongctxError(f"k must be positive, got {k}")
+        return self.search_vectors(self.embed_queries(queries), k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k distinct documents per query vector, best first.
 
         Several rows can belong to one document, so more rows than k are fetched, and a
         query whose candidates cover fewer than k documents is searched again with twice
@@ -91,10 +105,12 @@ class Retriever:
         """
         if k < 1:
             raise LongctxError(f"k must be positive, got {k}")
-        vectors = self.embed_queries(queries)
+        if vectors.ndim != 2 or vectors.shape[1] != self.index.d:
+            raise LongctxError(f"query vectors of shape {vectors.shape} for an index of "
+                               f"{self.index.d}-d vectors (rerun retrieve)")
         ntotal = self.index.ntotal
-        hits: list[list[Hit] | None] = [None] * len(queries)
-        todo = np.arange(len(queries))
+        hits: list[list[Hit] | None] = [None] * len(vectors)
+        todo = np.arange(len(vectors))
         fetch = min(ntotal, k * self.rows_per_doc)
         while len(todo):
             scores, rows = self.index.search(vectors[todo], fetch)

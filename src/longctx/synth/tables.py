@@ -25,9 +25,12 @@ from longctx.parquet import open_table
 log = logging.getLogger(__name__)
 
 
-def write_table(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
-    """Rows (dicts keyed by the schema's names) -> parquet, atomically, byte-reproducibly."""
-    columns = {name: [row[name] for row in rows] for name in schema.names}
+def write_table(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema,
+                **arrays: pa.Array) -> None:
+    """Rows (dicts keyed by the schema's names) -> parquet, atomically, byte-reproducibly.
+    A column given in `arrays` (one value per row, e.g. vectors) is taken as it is."""
+    columns = {name: arrays[name] if name in arrays else [row[name] for row in rows]
+               for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
     with repro.atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
