@@ -18,15 +18,32 @@ held ~16x them).
 
 niah_samples and ruler_samples run as one shard job (1-of-1: every unit; the job that reads
 the corpus). embed (one shard job too) runs the bundled MiniLM only at sizes up to
---embed-max-size (2 CPU cores embed ~100 short documents/s); above it its RSS is
+--embed-max-size (2 CPU cores embed ~140 short documents/s); above it its RSS is
 extrapolated linearly from the two largest measured sizes and its time per document held at
 the largest's, marked `"extrapolated": true`. gather_embed (the shard parts into
-data/embeddings) and index (flat, exact) run on its output at the sizes embed measured. The
-steps whose work is LLM calls are listed under `not_covered` with the reason.
+data/embeddings) runs on its output at the sizes embed measured.
+
+The synthesis steps run as the DAG runs them, each shard job (1-of-1) and its gather its own
+process: instructions, retrieve, summarize + gather_summarize, respond + gather_respond,
+long_output + gather_long_output, and pack (stage 0). Their LLM calls go to a scripted
+OpenAI-compatible server (bench/scripted_llm.py, `llm.backend: openai` at its URL, in a
+thread of this process) whose replies are deterministic from the messages and pass every
+step's filters, so what is measured is our code -- reading the corpus, chunking, token
+counting with the base model's tokenizer, the call cache, the tables -- not a model. The
+number of instructions is fixed by --instructions (64; long_output.count too) at every
+size, so the slope of a synthesis step is the corpus' alone, not more work. retrieve and
+pack need embeddings and an index: up to --embed-max-size the real embed output is used;
+above it the bench writes random unit vectors in embed's format (embed_parts' part and
+gather, the bundled embedder's identity and layout in the manifest), which `longctx index`
+(flat, measured there too) and `retrieve` read as they read embedded ones; the JSON's
+settings.vectors says which sizes had which, and each row of index and the steps after it
+says so too. A step asked for runs what it reads first (NEEDS; measured only if asked for
+as well). Each synthesis row counts the LLM calls it made by prompt kind (`llm_calls`).
 
     python bench/scale.py                                 # 10K, 100K, 1M documents
     python bench/scale.py --sizes 10000,100000            # quicker
     python bench/scale.py --sizes 2000 --steps niah_samples --embed-max-size 0   # smoke
+    python bench/scale.py --sizes 300 --steps pack --embed-max-size 0 --instructions 8
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,26 +62,37 @@ from pathlib import Path
 import numpy as np
 import yaml
 from machine import load_average, log, machine_info
+from scripted_llm import ScriptedServer
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 SENTENCES = 200_000  # the pool documents are drawn from
 ROW_GROUP = 2048  # the corpus step's default batch_size: its row groups
 EVAL_STEPS = ("niah_samples", "ruler_samples")
-STEPS = EVAL_STEPS + ("embed", "gather_embed", "index")
-EMBED_STEPS = ("embed", "gather_embed", "index")  # run up to --embed-max-size
+EMBED_STEPS = ("embed", "gather_embed")  # the real embedder: up to --embed-max-size
+EMBED_SHARD_SIZE = 8192  # embed.shard_size: documents per vector file (params.yaml's)
+PACK_FILL_TOP_K = 64  # pack.fill_top_k (its default): the documents a long sample may fill from
+# The synthesis steps, answered by the scripted LLM server (scripted_llm.py). When the
+# instructions step becomes a shard job and its gather, replace "instructions" here and in
+# step_commands by "instructions" (the shard job) and "gather_instructions".
+SYNTH_STEPS = ("instructions", "retrieve", "summarize", "gather_summarize", "respond",
+               "gather_respond", "long_output", "gather_long_output", "pack")
+STEPS = EVAL_STEPS + EMBED_STEPS + ("index",) + SYNTH_STEPS
+# What each step reads that an earlier step writes: run first (measured only when asked
+# for). Above --embed-max-size, embed and gather_embed are replaced by synthetic vectors.
+NEEDS = {"gather_embed": ("embed",), "index": ("gather_embed",),
+         "retrieve": ("instructions", "index"), "summarize": ("retrieve",),
+         "gather_summarize": ("summarize",), "respond": ("gather_summarize",),
+         "gather_respond": ("respond",), "gather_long_output": ("long_output",),
+         "pack": ("gather_respond", "gather_long_output")}
 NOT_COVERED = {
     "corpus": "reads source files, not a corpus table: its memory is bounded by "
               "corpus.batch_size (streamed batches), not measured here",
-    "instructions": "LLM calls; a scripted-backend harness for the synthesis steps is not "
-                    "written yet",
-    "retrieve": "needs instructions.parquet from the instructions step (LLM calls)",
-    "summarize": "LLM calls on retrieved documents; no scripted-backend harness yet",
-    "respond": "needs summaries (LLM calls); no scripted-backend harness yet",
-    "long_output": "LLM calls; no scripted-backend harness yet",
-    "pack": "needs the synthesis tables (LLM calls)",
     "train_stage": "reads packed sequences, not the corpus: independent of its size",
     "eval_niah/eval_ruler/eval_lmeval/report": "read the samples and models, not the corpus",
+    "the LLM itself": "the synthesis steps' calls are answered by a scripted server "
+                      "(bench/scripted_llm.py): their memory and time are our code's, not a "
+                      "model's (the hf/vllm backends' are the model's: bench/generate.py)",
 }
 
 
@@ -164,7 +193,8 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path) -> dict:
     if usage["code"] != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{' '.join(cmd)} failed ({usage['code']}):\n{tail}")
-    return {"peak_rss_mib": round(usage["maxrss_kib"] / 1024, 1), "wall_s": round(wall, 2)}
+    return {"peak_rss_mib": round(usage["maxrss_kib"] / 1024, 1), "wall_s": round(wall, 2),
+            "exit_code": usage["code"]}
 
 
 def bare_import_rss(step: str, env: dict[str, str], work: Path) -> dict:
@@ -178,13 +208,32 @@ def bare_import_rss(step: str, env: dict[str, str], work: Path) -> dict:
     return result | {"modules": len(modules)}
 
 
-def params_file(path: Path, args: argparse.Namespace) -> Path:
-    """The micro profile with the bench's eval and embed settings."""
+def params_file(path: Path, args: argparse.Namespace, base_url: str = "") -> Path:
+    """The micro profile with the bench's eval, embed and synthesis settings: the LLM is the
+    scripted server at `base_url`, and the instructions are a fixed --instructions whatever
+    the corpus size (so a synthesis step's slope is the corpus' alone)."""
     params = yaml.safe_load((REPO / "configs" / "micro.yaml").read_text())
     params["niah"] = {"lengths": args.lengths, "depths": [0, 50, 100], "trials": 1}
     params["ruler"] = {"tasks": args.tasks, "lengths": args.lengths, "samples": 1}
-    params["embed"] |= {"max_tokens": args.embed_tokens, "batch_size": 64}
+    # params.yaml's vector files, not micro's 16 documents: one file and rows.parquet row
+    # group per 16 documents would be 62,500 of them at 1M, a cost no real profile has
+    params["embed"] |= {"max_tokens": args.embed_tokens, "batch_size": 64,
+                        "shard_size": EMBED_SHARD_SIZE}
     params["index"] |= {"type": "flat", "recall_sample": 100}
+    params["llm"] = {"backend": "openai", "model": "base", "base_url": base_url or
+                     "http://127.0.0.1:9/v1", "max_concurrency": 8, "max_retries": 2,
+                     "timeout_s": 60.0}
+    params["instructions"] |= {"count": args.instructions, "per_prompt": 4,
+                               "max_rounds": 4, "max_new_tokens": 256}
+    params["retrieve"] = {"top_k": args.top_k, "device": "cpu"}
+    params["summarize"] |= {"max_new_tokens": 96}  # the scripted replies fit it
+    params["respond"] |= {"max_new_tokens": 256}
+    params["long_output"] = {"count": args.instructions, "min_tokens": 64, "max_tokens": 4096,
+                             "excerpt_tokens": 256, "max_new_tokens": 64}  # every document
+    # One stage, long enough that a long sample's own top_k documents leave room: pack
+    # fills it from the index (its Retriever), as a real stage of 16K+ tokens does.
+    params["stages"]["schedule"] = [{"length": args.pack_length, "steps": 1}]
+    params["pack"] |= {"fill_top_k": PACK_FILL_TOP_K}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -192,20 +241,151 @@ def params_file(path: Path, args: argparse.Namespace) -> Path:
 def step_commands(step: str, params: Path, model: Path, data: Path) -> list[str]:
     """The `longctx <step>` command line, paths named as the rule names them."""
     base = [sys.executable, "-m", "longctx.cli", "--params", str(params)]
+    docs, synth = str(data / "docs.parquet"), data / "synth"
+    path = {name: str(synth / name) for name in (
+        "instructions.parquet", "instructions.json", "retrieved.parquet", "retrieved.json",
+        "summaries.parquet", "summaries.json", "responses.parquet", "responses.json",
+        "long_output.parquet", "long_output.json")}
+    part = {name: str(synth / "parts" / name / "1-of-1.parquet")
+            for name in ("summarize", "respond", "long_output")}
     return {
         "niah_samples": base + ["niah-samples", "--shard", "1-of-1", "--model", str(model),
-                                "--docs", str(data / "docs.parquet"), "--part",
-                                str(data / "niah-part.parquet")],
+                                "--docs", docs, "--part", str(data / "niah-part.parquet")],
         "ruler_samples": base + ["ruler-samples", "--shard", "1-of-1", "--model", str(model),
-                                 "--docs", str(data / "docs.parquet"), "--part",
-                                 str(data / "ruler-part.parquet")],
-        "embed": base + ["embed", "--shard", "1-of-1", "--docs", str(data / "docs.parquet"),
+                                 "--docs", docs, "--part", str(data / "ruler-part.parquet")],
+        "embed": base + ["embed", "--shard", "1-of-1", "--docs", docs,
                          "--part", str(data / "embed-part")],
         "gather_embed": base + ["gather-embed", "--parts", str(data / "embed-part"),
                                 "--embeddings", str(data / "embeddings")],
         "index": base + ["index", "--embeddings", str(data / "embeddings"), "--index",
                          str(data / "index")],
+        # Sharded instructions (rules instructions_shard + instructions) will be two entries:
+        # "instructions": ["instructions", "--shard", "1-of-1", "--docs", docs, "--model",
+        #                  model, "--part", <parts/instructions/1-of-1.parquet>],
+        # "gather_instructions": ["gather-instructions", "--parts", <that part>, "--docs",
+        #                         docs, "--model", model, "--instructions", ..., "--metrics", ...]
+        "instructions": base + ["instructions", "--docs", docs, "--model", str(model),
+                                "--instructions", path["instructions.parquet"],
+                                "--metrics", path["instructions.json"]],
+        "retrieve": base + ["retrieve", "--instructions", path["instructions.parquet"],
+                            "--index", str(data / "index"),
+                            "--embeddings", str(data / "embeddings"),
+                            "--retrieved", path["retrieved.parquet"],
+                            "--metrics", path["retrieved.json"]],
+        "summarize": base + ["summarize", "--shard", "1-of-1",
+                             "--instructions", path["instructions.parquet"],
+                             "--retrieved", path["retrieved.parquet"], "--docs", docs,
+                             "--model", str(model), "--part", part["summarize"]],
+        "gather_summarize": base + ["gather-summarize",
+                                    "--instructions", path["instructions.parquet"],
+                                    "--parts", part["summarize"],
+                                    "--summaries", path["summaries.parquet"],
+                                    "--metrics", path["summaries.json"]],
+        "respond": base + ["respond", "--shard", "1-of-1",
+                           "--instructions", path["instructions.parquet"],
+                           "--summaries", path["summaries.parquet"], "--model", str(model),
+                           "--part", part["respond"]],
+        "gather_respond": base + ["gather-respond", "--instructions",
+                                  path["instructions.parquet"], "--parts", part["respond"],
+                                  "--responses", path["responses.parquet"],
+                                  "--metrics", path["responses.json"]],
+        "long_output": base + ["long-output", "--shard", "1-of-1", "--docs", docs,
+                               "--model", str(model), "--part", part["long_output"]],
+        "gather_long_output": base + ["gather-long-output", "--parts", part["long_output"],
+                                      "--long-output", path["long_output.parquet"],
+                                      "--metrics", path["long_output.json"]],
+        "pack": base + ["pack", "--stage", "0", "--model", str(model), "--docs", docs,
+                        "--instructions", path["instructions.parquet"],
+                        "--retrieved", path["retrieved.parquet"],
+                        "--summaries", path["summaries.parquet"],
+                        "--responses", path["responses.parquet"],
+                        "--long-output", path["long_output.parquet"],
+                        "--index", str(data / "index"), "--embeddings", str(data / "embeddings"),
+                        "--sequences", str(data / "pack" / "stage-0" / "sequences.parquet"),
+                        "--metrics", str(data / "pack" / "stage-0" / "stats.json")],
     }[step]
+
+
+def plan_steps(steps: list[str], n: int, embed_max_size: int) -> tuple[list[str], bool]:
+    """The steps to run at size n, in pipeline order: those asked for and what they read
+    (NEEDS); and whether the embeddings are synthetic (n above --embed-max-size, where
+    embed and gather_embed do not run)."""
+    wanted: set[str] = set()
+
+    def add(step: str) -> None:
+        if step not in wanted:
+            wanted.add(step)
+            for need in NEEDS.get(step, ()):
+                add(need)
+
+    for step in steps:
+        add(step)
+    synthetic = n > embed_max_size and "gather_embed" in wanted
+    if n > embed_max_size:
+        wanted -= set(EMBED_STEPS)
+    return [s for s in STEPS if s in wanted], synthetic
+
+
+def synthetic_embeddings(docs: Path, embeddings: Path, params: Path, seed: int) -> dict:
+    """Bench only: random unit vectors for every document of `docs`, written as embed's
+    shard job and gather write them (embed_parts' part and gather, the real manifest: the
+    bundled embedder's identity, dim and text layout), so `longctx index` and `retrieve`
+    read them as they read embedded ones. One row per document (first_tokens), its
+    n_tokens the corpus' clipped at the layout's window. Returns the manifest."""
+    import pyarrow.parquet as pq
+
+    from longctx.config import load_params
+    from longctx.repro import sha256_file
+    from longctx.retrieval.embed import (
+        embedding_dim,
+        load_embedder,
+        plan_layout,
+        resolve_model,
+    )
+    from longctx.retrieval.embed_parts import (
+        embed_params,
+        gather_embeddings,
+        vector_files,
+        write_part,
+    )
+    from longctx.shards import Shard
+
+    cfg = load_params(params).embed
+    model = load_embedder(cfg.model, "cpu", cfg.trust_remote_code)
+    layout, dim = plan_layout(cfg, model), embedding_dim(model)
+    context = {
+        "model": resolve_model(cfg.model)[1], "trust_remote_code": cfg.trust_remote_code,
+        "device": "cpu", "dim": dim, "dtype": "float16", "normalized": True,
+        "text": {"mode": layout.mode, "max_tokens": layout.budget, "window": layout.window,
+                 "stride": layout.stride, "max_passages": layout.max_passages,
+                 "title_in_text": layout.title_in_text},
+        "passage_prefix": cfg.passage_prefix, "query_prefix": cfg.query_prefix,
+        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
+        "corpus": {"file": str(docs), "sha256": sha256_file(docs)},
+        "cache_key": "synthetic", "synthetic_vectors": "bench/scale.py: random unit vectors",
+    }
+    table = pq.read_table(docs, columns=["id", "n_tokens"])
+    ids = table.column("id").to_pylist()
+    tokens = np.minimum(table.column("n_tokens").to_numpy(), layout.window).tolist()
+    rng = np.random.default_rng([seed, len(ids)])
+    parts = embeddings.parent / "synthetic-embed-part"
+    with write_part(parts, Shard(), embed_params(cfg), context) as writer:
+        for index in range(vector_files(len(ids), cfg)):
+            rows = range(index * cfg.shard_size, min((index + 1) * cfg.shard_size, len(ids)))
+            vectors = rng.standard_normal((len(rows), dim), dtype=np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            npy = parts.parent / "synthetic-vectors.npy"
+            np.save(npy, vectors.astype(np.float16))
+            writer.add(index, npy, {"doc_id": [ids[i] for i in rows],
+                                    "passage": [0] * len(rows),
+                                    "token_start": [0] * len(rows),
+                                    "n_tokens": [tokens[i] for i in rows]},
+                       documents=len(rows))
+            npy.unlink()
+    manifest = gather_embeddings(params=embed_params(cfg), parts=[parts],
+                                 embeddings=embeddings)
+    shutil.rmtree(parts)
+    return manifest
 
 
 def slope(rows: list[dict]) -> dict:
@@ -237,10 +417,10 @@ def extrapolate(rows: list[dict], sizes: list[int]) -> list[dict]:
 
 
 def measure_size(n: int, steps: list[str], args, work: Path, model: Path,
-                 corpus: tuple[list[str], float], results: dict[str, list[dict]]) -> dict:
-    """Write the n-document corpus, run the steps on it, then delete it."""
-    import shutil
-
+                 corpus: tuple[list[str], float], results: dict[str, list[dict]],
+                 server: ScriptedServer) -> dict:
+    """Write the n-document corpus, run the steps on it (and what they read), then delete
+    it."""
     data = work / f"corpus-{n}"
     data.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -248,18 +428,30 @@ def measure_size(n: int, steps: list[str], args, work: Path, model: Path,
     corpus = {"documents": n, "text_bytes": text_bytes,
               "parquet_bytes": (data / "docs.parquet").stat().st_size,
               "write_s": round(time.perf_counter() - t0, 1)}
-    params = params_file(work / "params.yaml", args)
-    for step in steps:
-        if step in EMBED_STEPS and n > args.embed_max_size:
-            continue
-        needs = {"gather_embed": "embed-part", "index": "embeddings"}.get(step)
-        if needs and not (data / needs).is_dir():
-            continue
+    params = params_file(work / "params.yaml", args, server.base_url)
+    plan, synthetic = plan_steps(steps, n, args.embed_max_size)
+    if synthetic:
+        log(f"synthetic vectors for {n:,} documents (above --embed-max-size)")
+        t0 = time.perf_counter()
+        synthetic_embeddings(data / "docs.parquet", data / "embeddings", params, args.seed)
+        corpus["synthetic_vectors_s"] = round(time.perf_counter() - t0, 1)
+    corpus["vectors"] = "synthetic" if synthetic else (
+        "embedded" if "gather_embed" in plan else None)
+    for step in plan:
         env = os.environ | {"LONGCTX_CACHE": str(work / f"cache-{n}-{step}")}
-        log(f"{step} on {n:,} documents")
+        measured = step in steps
+        log(f"{step} on {n:,} documents" + ("" if measured else " (needed by a later step)"))
+        before = server.served
         row = run_measured(step_commands(step, params, model, data), env,
                            work / f"{step}-{n}.log")
+        if not measured:
+            continue
         row |= {"documents": n, "us_per_doc": round(row["wall_s"] / n * 1e6, 2)}
+        calls = {k: v - before[k] for k, v in server.served.items() if v > before[k]}
+        if calls:
+            row["llm_calls"] = calls
+        if step == "index" or step in SYNTH_STEPS and step != "instructions":
+            row["vectors"] = corpus["vectors"]
         results[step].append(row)
     shutil.rmtree(data)
     return corpus
@@ -272,8 +464,14 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,4096", help="NIAH and RULER lengths (tokens)")
     ap.add_argument("--tasks", default="all", help="RULER tasks (comma separated) or all")
     ap.add_argument("--embed-max-size", type=int, default=100_000,
-                    help="largest size embed and index run at (above: extrapolated)")
+                    help="largest size the real embed runs at (above: its RSS extrapolated, "
+                         "and index and the steps after it read synthetic vectors)")
     ap.add_argument("--embed-tokens", type=int, default=32, help="embed.max_tokens")
+    ap.add_argument("--instructions", type=int, default=64,
+                    help="instructions.count (and long_output.count), the same at every size")
+    ap.add_argument("--top-k", type=int, default=8, help="retrieve.top_k")
+    ap.add_argument("--pack-length", type=int, default=4096,
+                    help="the one stage's length (tokens) pack fills")
     ap.add_argument("--model-dir", default=None, help="base model dir (default models/base)")
     ap.add_argument("--workdir", default=None, help="kept; default a temporary dir")
     ap.add_argument("--seed", type=int, default=0)
@@ -312,8 +510,10 @@ def run_all(sizes: list[int], steps: list[str], args, work: Path, model: Path) -
     env = dict(os.environ)
     baseline = {step: bare_import_rss(step.replace("_", "-"), env, work) for step in steps}
     results: dict[str, list[dict]] = {step: [] for step in steps}
-    corpora = [measure_size(n, steps, args, work, model, (pool, ratio), results)
-               for n in sizes]
+    with ScriptedServer(vocabulary()[0].tolist()) as server:
+        corpora = [measure_size(n, steps, args, work, model, (pool, ratio), results, server)
+                   for n in sizes]
+        served = server.served
     report = {}
     for step, rows in results.items():
         for row in rows:
@@ -329,7 +529,19 @@ def run_all(sizes: list[int], steps: list[str], args, work: Path, model: Path) -
         "settings": {"sizes": sizes, "steps": steps, "niah_ruler_lengths": args.lengths,
                      "ruler_tasks": args.tasks, "ruler_samples": 1, "niah_depths": [0, 50, 100],
                      "embed_max_size": args.embed_max_size, "embed_max_tokens": args.embed_tokens,
+                     "embed_shard_size": EMBED_SHARD_SIZE,
                      "index_type": "flat", "seed": args.seed, "model": str(model),
+                     "vectors": {str(c["documents"]): c["vectors"] for c in corpora},
+                     "synthetic_vectors": "random unit vectors in embed's format (bench "
+                                          "only), at sizes above embed_max_size that need "
+                                          "an index",
+                     "instructions": args.instructions, "long_output_count": args.instructions,
+                     "instructions_fixed": "the same count at every size: a synthesis "
+                                           "step's slope is the corpus', not more work",
+                     "retrieve_top_k": args.top_k, "pack_stage_length": args.pack_length,
+                     "pack_fill_top_k": PACK_FILL_TOP_K,
+                     "llm": {"backend": "openai", "server": "bench/scripted_llm.py "
+                             "(deterministic replies, no model)", "calls_served": served},
                      "tokens_per_word": round(ratio, 3),
                      "documents": "synthetic: 3 paragraphs x 3 sentences of Lee-corpus words"},
         "load_average_before": load_before,
