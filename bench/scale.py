@@ -24,21 +24,21 @@ the largest's, marked `"extrapolated": true`. gather_embed (the shard parts into
 data/embeddings) runs on its output at the sizes embed measured.
 
 The synthesis steps run as the DAG runs them, each shard job (1-of-1) and its gather its own
-process: instructions, retrieve, summarize + gather_summarize, respond + gather_respond,
-long_output + gather_long_output, and pack (stage 0). Their LLM calls go to a scripted
-OpenAI-compatible server (bench/scripted_llm.py, `llm.backend: openai` at its URL, in a
-thread of this process) whose replies are deterministic from the messages and pass every
-step's filters, so what is measured is our code -- reading the corpus, chunking, token
+process: instructions + gather_instructions, retrieve, summarize + gather_summarize, respond
++ gather_respond, long_output + gather_long_output, and pack (stage 0). Their LLM calls go
+to a scripted OpenAI-compatible server (bench/scripted_llm.py, `llm.backend: openai` at its
+URL, in a thread of this process) whose replies are deterministic from the messages and pass
+every step's filters, so what is measured is our code -- reading the corpus, chunking, token
 counting with the base model's tokenizer, the call cache, the tables -- not a model. The
-number of instructions is fixed by --instructions (64; long_output.count too) at every
-size, so the slope of a synthesis step is the corpus' alone, not more work. retrieve and
-pack need embeddings and an index: up to --embed-max-size the real embed output is used;
-above it the bench writes random unit vectors in embed's format (embed_parts' part and
-gather, the bundled embedder's identity and layout in the manifest), which `longctx index`
-(flat, measured there too) and `retrieve` read as they read embedded ones; the JSON's
+number of instructions is fixed by --instructions (64; long_output.count too) at every size,
+so the slope of a synthesis step is the corpus' alone, not more work. retrieve and pack need
+embeddings and an index: up to --embed-max-size the real embed output is used; above it the
+bench writes random unit vectors in embed's format (embed_parts' part and gather, the
+bundled embedder's identity and layout in the manifest), which `longctx index` (flat,
+measured there too) and `retrieve` read as they read embedded ones; the JSON's
 settings.vectors says which sizes had which, and each row of index and the steps after it
-says so too. A step asked for runs what it reads first (NEEDS; measured only if asked for
-as well). Each synthesis row counts the LLM calls it made by prompt kind (`llm_calls`).
+says so too. A step asked for runs what it reads first (NEEDS; measured only if asked for as
+well). Each synthesis row counts the LLM calls it made by prompt kind (`llm_calls`).
 
     python bench/scale.py                                 # 10K, 100K, 1M documents
     python bench/scale.py --sizes 10000,100000            # quicker
@@ -72,16 +72,16 @@ EVAL_STEPS = ("niah_samples", "ruler_samples")
 EMBED_STEPS = ("embed", "gather_embed")  # the real embedder: up to --embed-max-size
 EMBED_SHARD_SIZE = 8192  # embed.shard_size: documents per vector file (params.yaml's)
 PACK_FILL_TOP_K = 64  # pack.fill_top_k (its default): the documents a long sample may fill from
-# The synthesis steps, answered by the scripted LLM server (scripted_llm.py). When the
-# instructions step becomes a shard job and its gather, replace "instructions" here and in
-# step_commands by "instructions" (the shard job) and "gather_instructions".
-SYNTH_STEPS = ("instructions", "retrieve", "summarize", "gather_summarize", "respond",
-               "gather_respond", "long_output", "gather_long_output", "pack")
+# The synthesis steps, answered by the scripted LLM server (scripted_llm.py).
+SYNTH_STEPS = ("instructions", "gather_instructions", "retrieve", "summarize",
+               "gather_summarize", "respond", "gather_respond", "long_output",
+               "gather_long_output", "pack")
 STEPS = EVAL_STEPS + EMBED_STEPS + ("index",) + SYNTH_STEPS
 # What each step reads that an earlier step writes: run first (measured only when asked
 # for). Above --embed-max-size, embed and gather_embed are replaced by synthetic vectors.
 NEEDS = {"gather_embed": ("embed",), "index": ("gather_embed",),
-         "retrieve": ("instructions", "index"), "summarize": ("retrieve",),
+         "gather_instructions": ("instructions",),
+         "retrieve": ("gather_instructions", "index"), "summarize": ("retrieve",),
          "gather_summarize": ("summarize",), "respond": ("gather_summarize",),
          "gather_respond": ("respond",), "gather_long_output": ("long_output",),
          "pack": ("gather_respond", "gather_long_output")}
@@ -247,7 +247,7 @@ def step_commands(step: str, params: Path, model: Path, data: Path) -> list[str]
         "summaries.parquet", "summaries.json", "responses.parquet", "responses.json",
         "long_output.parquet", "long_output.json")}
     part = {name: str(synth / "parts" / name / "1-of-1.parquet")
-            for name in ("summarize", "respond", "long_output")}
+            for name in ("instructions", "summarize", "respond", "long_output")}
     return {
         "niah_samples": base + ["niah-samples", "--shard", "1-of-1", "--model", str(model),
                                 "--docs", docs, "--part", str(data / "niah-part.parquet")],
@@ -259,14 +259,12 @@ def step_commands(step: str, params: Path, model: Path, data: Path) -> list[str]
                                 "--embeddings", str(data / "embeddings")],
         "index": base + ["index", "--embeddings", str(data / "embeddings"), "--index",
                          str(data / "index")],
-        # Sharded instructions (rules instructions_shard + instructions) will be two entries:
-        # "instructions": ["instructions", "--shard", "1-of-1", "--docs", docs, "--model",
-        #                  model, "--part", <parts/instructions/1-of-1.parquet>],
-        # "gather_instructions": ["gather-instructions", "--parts", <that part>, "--docs",
-        #                         docs, "--model", model, "--instructions", ..., "--metrics", ...]
-        "instructions": base + ["instructions", "--docs", docs, "--model", str(model),
-                                "--instructions", path["instructions.parquet"],
-                                "--metrics", path["instructions.json"]],
+        "instructions": base + ["instructions", "--shard", "1-of-1", "--docs", docs,
+                                "--model", str(model), "--part", part["instructions"]],
+        "gather_instructions": base + ["gather-instructions", "--parts", part["instructions"],
+                                       "--docs", docs, "--model", str(model),
+                                       "--instructions", path["instructions.parquet"],
+                                       "--metrics", path["instructions.json"]],
         "retrieve": base + ["retrieve", "--instructions", path["instructions.parquet"],
                             "--index", str(data / "index"),
                             "--embeddings", str(data / "embeddings"),
@@ -450,7 +448,7 @@ def measure_size(n: int, steps: list[str], args, work: Path, model: Path,
         calls = {k: v - before[k] for k, v in server.served.items() if v > before[k]}
         if calls:
             row["llm_calls"] = calls
-        if step == "index" or step in SYNTH_STEPS and step != "instructions":
+        if step == "index" or step in SYNTH_STEPS and "instructions" not in step:
             row["vectors"] = corpus["vectors"]
         results[step].append(row)
     shutil.rmtree(data)

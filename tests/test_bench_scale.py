@@ -93,7 +93,7 @@ def test_scale_bench_synthesis_smoke(scale, bundled_model_dir, tmp_path):
         assert row["peak_rss_mib"] > report["baseline"]["imports"][step]["peak_rss_mib"] > 20
         assert set(row.get("llm_calls", {})) <= SYNTH_CALLS.get(step, set())
         assert set(row.get("llm_calls", {})) >= SYNTH_CALLS.get(step, set()) - {"merge"}
-        if step != "instructions":
+        if "instructions" not in step:
             assert row["vectors"] == "synthetic"
 
 
