@@ -77,6 +77,26 @@ def test_candidates_are_a_seeded_sample_of_documents_in_range(tmp_path):
     assert {r["doc_id"] for r in rows} == eligible and stats["candidates"] == 6
 
 
+def test_document_ids_are_sorted_filtered_and_drawn_like_a_list(tmp_path):
+    import random
+
+    import polars as pl
+
+    from longctx.synth.tables import document_ids
+
+    docs, texts = write_corpus(tmp_path, [30, 120, 80, 300, 60] * 20)
+    ids = document_ids(docs, (50, 200))
+    expected = sorted(doc_id(i) for i, t in enumerate(texts) if 50 <= len(t.split()) <= 200)
+    assert list(ids) == expected and len(ids) == 60
+    assert random.Random(3).sample(ids, 5) == random.Random(3).sample(expected, 5)
+    assert random.Random(4).choice(ids) == random.Random(4).choice(expected)
+    assert len(document_ids(docs)) == 100  # no range: every document
+    frame = pl.read_parquet(docs)
+    pl.concat([frame, frame.head(1)]).write_parquet(tmp_path / "twice.parquet")
+    with pytest.raises(LongctxError, match="twice.parquet: duplicate document ids"):
+        document_ids(tmp_path / "twice.parquet")
+
+
 def test_long_documents_show_start_and_end_short_ones_whole(tmp_path):
     docs, texts = write_corpus(tmp_path, [160, 30])  # halves of 20 + the gap would be 41
     llm = scripted_llm(echo)

@@ -58,9 +58,10 @@ class Retriever:
                 f"{emb.root / ROWS_FILE}: {rows.num_rows} rows but the index holds "
                 f"{self.index.ntotal} vectors"
             )
-        # rows -> document numbers, so aggregation works on integers
+        # rows -> document numbers, so aggregation works on integers; the names stay one
+        # Arrow array (a numpy array of Python strings is ~4x the memory at 10M documents)
         codes = rows.column("doc_id").combine_chunks().dictionary_encode()
-        self.doc_names = codes.dictionary.to_numpy(zero_copy_only=False)
+        self.doc_names = codes.dictionary
         self.row_doc = codes.indices.to_numpy()
         self.row_passage = rows.column("passage").to_numpy()
         self.rows_per_doc = math.ceil(rows.num_rows / max(1, len(self.doc_names)))
@@ -136,7 +137,8 @@ class Retriever:
             if doc in seen:
                 continue
             seen.add(doc)
-            out.append(Hit(str(self.doc_names[doc]), float(score), int(self.row_passage[row])))
+            out.append(Hit(self.doc_names[doc].as_py(), float(score),
+                           int(self.row_passage[row])))
             if len(out) == k:
                 break
         return out

@@ -34,7 +34,13 @@ from longctx.parts import read_parts, write_part
 from longctx.shards import Shard, check_count
 from longctx.synth.prompts import VERSIONS, instructions_prompt
 from longctx.synth.quality import REFERS_TO_PROMPT_TEXT
-from longctx.synth.tables import count_reasons, read_documents, read_table, write_table
+from longctx.synth.tables import (
+    SortedIds,
+    count_reasons,
+    document_ids,
+    read_documents,
+    write_table,
+)
 from longctx.tokens import Counter, split_chunks
 
 log = logging.getLogger(__name__)
@@ -200,7 +206,7 @@ def _filter_round(cands: list[Candidate], cfg: InstructionsConfig, dedup: Dedupe
 
 
 def _round(r: int, cfg: InstructionsConfig, llm: LLM, seed: int, docs_path: str | Path,
-           ids: list[str], prompts: list[int]) -> tuple[list[Candidate], Counts]:
+           ids: SortedIds, prompts: list[int]) -> tuple[list[Candidate], Counts]:
     """Prompts `prompts` of generation round `r`: their candidates and reply counts. Each
     prompt draws from its own seed, so it is the same whichever job sends it. Only the
     documents the prompts draw are read (a corpus may hold 10M)."""
@@ -247,10 +253,10 @@ class Counts:
         return self
 
 
-def document_ids(docs: str | Path) -> list[str]:
+def seed_documents(docs: str | Path) -> SortedIds:
     """What seed chunks are drawn from, in a fixed order (sorted ids)."""
-    ids = sorted(row["id"] for row in read_table(docs, ["id"]))
-    if not ids:
+    ids = document_ids(docs)
+    if not len(ids):
         raise LongctxError(f"{docs}: no document to draw seed chunks from")
     return ids
 
@@ -262,7 +268,7 @@ def first_round(cfg: InstructionsConfig, llm: LLM, seed: int, *, shard: Shard, p
     The first round asks for all `count` instructions, so it holds nearly every call."""
     n_prompts = round_prompts(cfg, cfg.count)
     check_count(shard, n_prompts, "instructions")
-    ids = document_ids(docs)
+    ids = seed_documents(docs)
     owned = [p for p in range(n_prompts) if shard.owns(str(p))]
     cands, counts = _round(0, cfg, llm, seed, docs, ids, owned) if owned else ([], Counts())
     write_part(part, [_candidate_row(c) for c in cands], CANDIDATES, shard, params=params,
@@ -291,7 +297,7 @@ def gather_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, *, params:
     _filter_round(cands, cfg, dedup, kept)
     rounds, ids = 1, None
     while rounds < cfg.max_rounds and len(kept) < cfg.count:
-        ids = ids or document_ids(docs)
+        ids = ids or seed_documents(docs)
         prompts = list(range(round_prompts(cfg, cfg.count - len(kept))))
         new, more = _round(rounds, cfg, llm, seed, docs, ids, prompts)
         _filter_round(new, cfg, dedup, kept)

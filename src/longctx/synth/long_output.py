@@ -21,11 +21,19 @@ from longctx.config import LongOutputConfig
 from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
+from longctx.parquet import open_table
 from longctx.parts import read_parts, write_part
 from longctx.shards import Shard, check_count
 from longctx.synth import prompts
 from longctx.synth.quality import REFERS_TO_PROMPT_TEXT, is_repetitive
-from longctx.synth.tables import count_reasons, mean_max, read_documents, read_table, write_table
+from longctx.synth.tables import (
+    SortedIds,
+    count_reasons,
+    document_ids,
+    mean_max,
+    read_documents,
+    write_table,
+)
 from longctx.tokens import split_chunks
 
 log = logging.getLogger(__name__)
@@ -68,16 +76,11 @@ def check_window(cfg: LongOutputConfig, llm: LLM) -> None:
             f"model's {llm.context_tokens}-token window; lower long_output.excerpt_tokens")
 
 
-def pick_candidates(lengths: list[dict], cfg: LongOutputConfig, seed: int,
-                    docs_path: Path) -> tuple[list[str], list[str]]:
-    """(eligible ids, a seeded sample of them in id order). Ids and lengths only: texts are
-    read for the candidates alone, so a 10M-document corpus is never held in memory."""
-    eligible = sorted(row["id"] for row in lengths
-                      if cfg.min_tokens <= row["n_tokens"] <= cfg.max_tokens)
-    if len(set(eligible)) != len(eligible):
-        raise LongctxError(f"{docs_path}: duplicate document ids (rerun corpus)")
+def pick_candidates(eligible: SortedIds, cfg: LongOutputConfig, seed: int) -> list[str]:
+    """A seeded sample of the eligible ids, in id order. Texts are read for the candidates
+    alone, so a 10M-document corpus is never held in memory."""
     rng = random.Random(derive_seed(seed, "long_output"))
-    return eligible, sorted(rng.sample(eligible, min(cfg.count, len(eligible))))
+    return sorted(rng.sample(eligible, min(cfg.count, len(eligible))))
 
 
 def excerpt(text: str, max_tokens: int, llm: LLM) -> str:
@@ -158,8 +161,8 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, shard: Shard, par
     batched call) and write one row per candidate, in id order, to `part`; returns the
     number of rows."""
     check_window(cfg, llm)
-    lengths = read_table(docs, ["id", "n_tokens"])
-    eligible, candidates = pick_candidates(lengths, cfg, seed, Path(docs))
+    eligible = document_ids(docs, (cfg.min_tokens, cfg.max_tokens))
+    candidates = pick_candidates(eligible, cfg, seed)
     if not candidates:
         log.warning("long_output: no document has %d-%d tokens; writing an empty table",
                     cfg.min_tokens, cfg.max_tokens)
@@ -181,7 +184,8 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, shard: Shard, par
                      "target_tokens": documents[doc_id]["n_tokens"],
                      "finish_reason": answer.finish_reason, "kept": reason is None,
                      "reason": reason})
-    context = {"documents": len(lengths), "eligible": len(eligible),
+    context = {"documents": open_table(docs, ["id"]).metadata.num_rows,
+               "eligible": len(eligible),
                "min_tokens": cfg.min_tokens, "max_tokens": cfg.max_tokens,
                "sampling": asdict(sampling), "template": prompts.VERSIONS["backtranslate"],
                "model": repro.fingerprint(llm.identity)}
