@@ -93,8 +93,6 @@ class Retriever:
 
     def search(self, queries: list[str], k: int) -> list[list[Hit]]:
         """Top-k distinct documents per query, best first (search_vectors)."""
-        if k < 1:
-            raise LongctxError(f"k must be positive, got {k}")
         return self.search_vectors(self.embed_queries(queries), k)
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:

@@ -69,10 +69,11 @@ def document_ids(docs_path: str | Path,
     if tokens is not None:
         n = table["n_tokens"]
         ids = ids.filter(pc.and_(pc.greater_equal(n, tokens[0]), pc.less_equal(n, tokens[1])))
-    ids = ids.combine_chunks()
-    if pc.count_distinct(ids).as_py() != len(ids):
+    ids = SortedIds(ids.combine_chunks())
+    sorted_ids = ids.ids  # equal neighbours once sorted (a hash set of 10M ids is GBs)
+    if len(ids) > 1 and pc.any(pc.equal(sorted_ids[1:], sorted_ids[:-1])).as_py():
         raise LongctxError(f"{docs_path}: duplicate document ids (rerun corpus)")
-    return SortedIds(ids)
+    return ids
 
 
 def read_instructions(path: str | Path) -> dict[str, str]:
