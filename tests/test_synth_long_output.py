@@ -77,24 +77,19 @@ def test_candidates_are_a_seeded_sample_of_documents_in_range(tmp_path):
     assert {r["doc_id"] for r in rows} == eligible and stats["candidates"] == 6
 
 
-def test_document_ids_are_sorted_filtered_and_drawn_like_a_list(tmp_path):
-    import random
+def test_document_rows_and_read_rows_touch_only_what_is_drawn(tmp_path):
+    import pyarrow.parquet as pq
 
-    import polars as pl
-
-    from longctx.synth.tables import document_ids
+    from longctx.synth.tables import document_rows, read_rows
 
     docs, texts = write_corpus(tmp_path, [30, 120, 80, 300, 60] * 20)
-    ids = document_ids(docs, (50, 200))
-    expected = sorted(doc_id(i) for i, t in enumerate(texts) if 50 <= len(t.split()) <= 200)
-    assert list(ids) == expected and len(ids) == 60
-    assert random.Random(3).sample(ids, 5) == random.Random(3).sample(expected, 5)
-    assert random.Random(4).choice(ids) == random.Random(4).choice(expected)
-    assert len(document_ids(docs)) == 100  # no range: every document
-    frame = pl.read_parquet(docs)
-    pl.concat([frame, frame.head(1)]).write_parquet(tmp_path / "twice.parquet")
-    with pytest.raises(LongctxError, match="twice.parquet: duplicate document ids"):
-        document_ids(tmp_path / "twice.parquet")
+    pq.write_table(pq.read_table(docs), docs, row_group_size=7)  # 15 row groups
+    rows = document_rows(docs, (50, 200))
+    assert list(rows) == [i for i, t in enumerate(texts) if 50 <= len(t.split()) <= 200]
+    assert document_rows(docs) == range(100)  # no range: nothing read
+    got = read_rows(docs, [99, 3, 42, 3, 0], ["id", "text"])
+    assert sorted(got) == [0, 3, 42, 99]
+    assert all(got[r] == {"id": doc_id(r), "text": texts[r]} for r in got)
 
 
 def test_long_documents_show_start_and_end_short_ones_whole(tmp_path):

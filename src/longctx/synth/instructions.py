@@ -19,6 +19,7 @@ import hashlib
 import logging
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,13 +35,7 @@ from longctx.parts import read_parts, write_part
 from longctx.shards import Shard, check_count
 from longctx.synth.prompts import VERSIONS, instructions_prompt
 from longctx.synth.quality import REFERS_TO_PROMPT_TEXT
-from longctx.synth.tables import (
-    SortedIds,
-    count_reasons,
-    document_ids,
-    read_documents,
-    write_table,
-)
+from longctx.synth.tables import count_reasons, document_rows, read_rows, write_table
 from longctx.tokens import Counter, split_chunks
 
 log = logging.getLogger(__name__)
@@ -206,18 +201,19 @@ def _filter_round(cands: list[Candidate], cfg: InstructionsConfig, dedup: Dedupe
 
 
 def _round(r: int, cfg: InstructionsConfig, llm: LLM, seed: int, docs_path: str | Path,
-           ids: SortedIds, prompts: list[int]) -> tuple[list[Candidate], Counts]:
+           rows: Sequence[int], prompts: list[int]) -> tuple[list[Candidate], Counts]:
     """Prompts `prompts` of generation round `r`: their candidates and reply counts. Each
     prompt draws from its own seed, so it is the same whichever job sends it. Only the
     documents the prompts draw are read (a corpus may hold 10M)."""
     rngs = [random.Random(derive_seed(seed, "instructions", r, p)) for p in prompts]
-    drawn = [rng.choice(ids) for rng in rngs]
-    docs = read_documents(docs_path, drawn)
+    drawn = [rng.choice(rows) for rng in rngs]
+    docs = read_rows(docs_path, drawn, ["id", "text"])
     plans, chats = [], []
-    for rng, doc_id in zip(rngs, drawn):
-        if not (docs[doc_id]["text"] or "").strip():
+    for rng, row in zip(rngs, drawn):
+        doc_id, text = docs[row]["id"], docs[row]["text"] or ""
+        if not text.strip():
             raise LongctxError(f"{docs_path}: document {doc_id} has no text (rerun corpus)")
-        chunk = seed_chunk(docs[doc_id]["text"], rng, cfg.seed_chunk_tokens, llm.count_tokens)
+        chunk = seed_chunk(text, rng, cfg.seed_chunk_tokens, llm.count_tokens)
         task_type = rng.choice(cfg.task_types)
         plans.append((doc_id, chunk, task_type))
         chats.append(instructions_prompt(chunk, task_type, cfg.per_prompt))
@@ -253,12 +249,12 @@ class Counts:
         return self
 
 
-def seed_documents(docs: str | Path) -> SortedIds:
-    """What seed chunks are drawn from, in a fixed order (sorted ids)."""
-    ids = document_ids(docs)
-    if not len(ids):
+def seed_documents(docs: str | Path) -> Sequence[int]:
+    """What seed chunks are drawn from: corpus row numbers (never every id in memory)."""
+    rows = document_rows(docs)
+    if not len(rows):
         raise LongctxError(f"{docs}: no document to draw seed chunks from")
-    return ids
+    return rows
 
 
 def first_round(cfg: InstructionsConfig, llm: LLM, seed: int, *, shard: Shard, params: str,
@@ -268,9 +264,9 @@ def first_round(cfg: InstructionsConfig, llm: LLM, seed: int, *, shard: Shard, p
     The first round asks for all `count` instructions, so it holds nearly every call."""
     n_prompts = round_prompts(cfg, cfg.count)
     check_count(shard, n_prompts, "instructions")
-    ids = seed_documents(docs)
+    rows = seed_documents(docs)
     owned = [p for p in range(n_prompts) if shard.owns(str(p))]
-    cands, counts = _round(0, cfg, llm, seed, docs, ids, owned) if owned else ([], Counts())
+    cands, counts = _round(0, cfg, llm, seed, docs, rows, owned) if owned else ([], Counts())
     write_part(part, [_candidate_row(c) for c in cands], CANDIDATES, shard, params=params,
                context={"model": repro.fingerprint(llm.identity)}, counters=asdict(counts))
     log.info("instructions %s: %d candidates from %d of the %d first-round prompts",
@@ -295,11 +291,11 @@ def gather_instructions(cfg: InstructionsConfig, llm: LLM, seed: int, *, params:
     dedup = Deduper(cfg.dedup_model, cfg.dedup_similarity)
     kept: list[Candidate] = []
     _filter_round(cands, cfg, dedup, kept)
-    rounds, ids = 1, None
+    rounds, rows = 1, None
     while rounds < cfg.max_rounds and len(kept) < cfg.count:
-        ids = ids or seed_documents(docs)
+        rows = rows or seed_documents(docs)
         prompts = list(range(round_prompts(cfg, cfg.count - len(kept))))
-        new, more = _round(rounds, cfg, llm, seed, docs, ids, prompts)
+        new, more = _round(rounds, cfg, llm, seed, docs, rows, prompts)
         _filter_round(new, cfg, dedup, kept)
         cands += new
         counts += more

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,11 +28,11 @@ from longctx.shards import Shard, check_count
 from longctx.synth import prompts
 from longctx.synth.quality import REFERS_TO_PROMPT_TEXT, is_repetitive
 from longctx.synth.tables import (
-    SortedIds,
     count_reasons,
-    document_ids,
+    document_rows,
     mean_max,
     read_documents,
+    read_rows,
     write_table,
 )
 from longctx.tokens import split_chunks
@@ -76,11 +77,14 @@ def check_window(cfg: LongOutputConfig, llm: LLM) -> None:
             f"model's {llm.context_tokens}-token window; lower long_output.excerpt_tokens")
 
 
-def pick_candidates(eligible: SortedIds, cfg: LongOutputConfig, seed: int) -> list[str]:
-    """A seeded sample of the eligible ids, in id order. Texts are read for the candidates
-    alone, so a 10M-document corpus is never held in memory."""
+def pick_candidates(docs: str | Path, eligible: Sequence[int], cfg: LongOutputConfig,
+                    seed: int) -> list[str]:
+    """The ids of a seeded sample of the `eligible` corpus rows, in id order. Ids and texts
+    are read for the candidates alone, so a 10M-document corpus is never held in memory."""
     rng = random.Random(derive_seed(seed, "long_output"))
-    return sorted(rng.sample(eligible, min(cfg.count, len(eligible))))
+    picked = [eligible[i] for i in rng.sample(range(len(eligible)),
+                                              min(cfg.count, len(eligible)))]
+    return sorted(row["id"] for row in read_rows(docs, picked, ["id"]).values())
 
 
 def excerpt(text: str, max_tokens: int, llm: LLM) -> str:
@@ -161,8 +165,8 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, shard: Shard, par
     batched call) and write one row per candidate, in id order, to `part`; returns the
     number of rows."""
     check_window(cfg, llm)
-    eligible = document_ids(docs, (cfg.min_tokens, cfg.max_tokens))
-    candidates = pick_candidates(eligible, cfg, seed)
+    eligible = document_rows(docs, (cfg.min_tokens, cfg.max_tokens))
+    candidates = pick_candidates(docs, eligible, cfg, seed)
     if not candidates:
         log.warning("long_output: no document has %d-%d tokens; writing an empty table",
                     cfg.min_tokens, cfg.max_tokens)

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from longctx import repro
@@ -42,38 +42,34 @@ def read_table(path: str | Path, columns: list[str]) -> list[dict[str, Any]]:
     return open_table(path, columns).read(columns=columns).to_pylist()
 
 
-class SortedIds(Sequence):
-    """Document ids in sorted order, held as one Arrow string array (~20 bytes an id, where
-    a list of Python strings holds ~70: 10M ids are 200 MB, not 700): what seeded draws
-    (random.choice, random.sample) index into, one id at a time."""
-
-    def __init__(self, ids: pa.Array) -> None:
-        self.ids = ids.take(pc.sort_indices(ids))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> str:  # type: ignore[override]
-        if not isinstance(i, int):
-            raise TypeError(f"SortedIds takes one position, not {type(i).__name__}")
-        return self.ids[i].as_py()
+def document_rows(docs_path: str | Path,
+                  tokens: tuple[int, int] | None = None) -> Sequence[int]:
+    """Corpus row numbers of the documents (of `tokens` = (min, max) tokens), in table order:
+    what seeded draws index into. Without a range a `range` (nothing read); with one, the
+    n_tokens column alone (8 bytes a document), never the ids (64 bytes) or the texts."""
+    table = open_table(docs_path, ["id", "n_tokens"], made_by="the corpus step")
+    if tokens is None:
+        return range(table.metadata.num_rows)
+    n = table.read(columns=["n_tokens"]).column("n_tokens").to_numpy()
+    return np.flatnonzero((n >= tokens[0]) & (n <= tokens[1]))
 
 
-def document_ids(docs_path: str | Path,
-                 tokens: tuple[int, int] | None = None) -> SortedIds:
-    """The ids of the documents (of `tokens` = (min, max) tokens), sorted: the corpus' ids
-    and lengths only, never its texts. Duplicate ids are refused."""
-    columns = ["id"] if tokens is None else ["id", "n_tokens"]
-    table = open_table(docs_path, columns, made_by="corpus").read(columns=columns)
-    ids = table["id"]
-    if tokens is not None:
-        n = table["n_tokens"]
-        ids = ids.filter(pc.and_(pc.greater_equal(n, tokens[0]), pc.less_equal(n, tokens[1])))
-    ids = SortedIds(ids.combine_chunks())
-    sorted_ids = ids.ids  # equal neighbours once sorted (a hash set of 10M ids is GBs)
-    if len(ids) > 1 and pc.any(pc.equal(sorted_ids[1:], sorted_ids[:-1])).as_py():
-        raise LongctxError(f"{docs_path}: duplicate document ids (rerun corpus)")
-    return ids
+def read_rows(docs_path: str | Path, rows: Iterable[int],
+              columns: list[str]) -> dict[int, dict[str, Any]]:
+    """`columns` of the corpus rows `rows`, by row number: one row group read at a time, and
+    only those holding a wanted row."""
+    table = open_table(docs_path, columns, made_by="the corpus step")
+    meta = table.metadata
+    starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    wanted = np.unique(np.fromiter(rows, dtype=np.int64))
+    groups = np.searchsorted(starts, wanted, side="right") - 1
+    found: dict[int, dict[str, Any]] = {}
+    for g in np.unique(groups):
+        group = table.read_row_group(int(g), columns=columns)
+        at = wanted[groups == g]
+        for row, values in zip(at, group.take(pa.array(at - starts[g])).to_pylist()):
+            found[int(row)] = values
+    return found
 
 
 def read_instructions(path: str | Path) -> dict[str, str]:
