@@ -22,7 +22,6 @@ from longctx.config import LongOutputConfig
 from longctx.errors import LongctxError
 from longctx.llm import LLM
 from longctx.llm.base import derive_seed
-from longctx.parquet import open_table
 from longctx.parts import read_parts, write_part
 from longctx.shards import Shard, check_count
 from longctx.synth import prompts
@@ -188,8 +187,7 @@ def long_output(cfg: LongOutputConfig, llm: LLM, seed: int, *, shard: Shard, par
                      "target_tokens": documents[doc_id]["n_tokens"],
                      "finish_reason": answer.finish_reason, "kept": reason is None,
                      "reason": reason})
-    context = {"documents": open_table(docs, ["id"]).metadata.num_rows,
-               "eligible": len(eligible),
+    context = {"documents": len(document_rows(docs)), "eligible": len(eligible),
                "min_tokens": cfg.min_tokens, "max_tokens": cfg.max_tokens,
                "sampling": asdict(sampling), "template": prompts.VERSIONS["backtranslate"],
                "model": repro.fingerprint(llm.identity)}
