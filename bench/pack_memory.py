@@ -42,6 +42,7 @@ def write_synthesis(root: Path, n: int, docs: Path, top_k: int, seed: int) -> No
     from longctx.synth.long_output import LONG_OUTPUT_SCHEMA
     from longctx.synth.respond import RESPONSES_SCHEMA
     from longctx.synth.retrieve import SCHEMA as RETRIEVED
+    from longctx.synth.retrieve import vector_column
     from longctx.synth.summarize import SCHEMA as SUMMARIES
     from longctx.synth.tables import write_table
 
@@ -55,7 +56,8 @@ def write_synthesis(root: Path, n: int, docs: Path, top_k: int, seed: int) -> No
     picks = rng.integers(0, len(doc_ids), size=(n, top_k))
     write_table(root / "retrieved.parquet", [
         {"instruction_id": i, "doc_ids": [doc_ids[d] for d in row], "scores": [1.0] * top_k}
-        for i, row in zip(ids, picks)], RETRIEVED)
+        for i, row in zip(ids, picks)], RETRIEVED,
+        query=vector_column(np.zeros((n, 0), dtype=np.float32)))  # no fill: no search
     write_table(root / "responses.parquet", [
         {"instruction_id": i, "response": f"The documents agree on topic {k}. " * 8,
          "finish_reason": "stop", "n_tokens": 64, "kept": True, "reason": None}
