@@ -337,6 +337,7 @@ def synthetic_embeddings(docs: Path, embeddings: Path, params: Path, seed: int) 
     from longctx.retrieval.embed import (
         embedding_dim,
         load_embedder,
+        manifest_context,
         plan_layout,
         resolve_model,
     )
@@ -351,17 +352,9 @@ def synthetic_embeddings(docs: Path, embeddings: Path, params: Path, seed: int) 
     cfg = load_params(params).embed
     model = load_embedder(cfg.model, "cpu", cfg.trust_remote_code)
     layout, dim = plan_layout(cfg, model), embedding_dim(model)
-    context = {
-        "model": resolve_model(cfg.model)[1], "trust_remote_code": cfg.trust_remote_code,
-        "device": "cpu", "dim": dim, "dtype": "float16", "normalized": True,
-        "text": {"mode": layout.mode, "max_tokens": layout.budget, "window": layout.window,
-                 "stride": layout.stride, "max_passages": layout.max_passages,
-                 "title_in_text": layout.title_in_text},
-        "passage_prefix": cfg.passage_prefix, "query_prefix": cfg.query_prefix,
-        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
-        "corpus": {"file": str(docs), "sha256": sha256_file(docs)},
-        "cache_key": "synthetic", "synthetic_vectors": "bench/scale.py: random unit vectors",
-    }
+    context = manifest_context(cfg, resolve_model(cfg.model)[1], "cpu", dim, layout, docs,
+                               sha256_file(docs), "synthetic")
+    context["synthetic_vectors"] = "bench/scale.py: random unit vectors"
     table = pq.read_table(docs, columns=["id", "n_tokens"])
     ids = table.column("id").to_pylist()
     tokens = np.minimum(table.column("n_tokens").to_numpy(), layout.window).tolist()

@@ -341,6 +341,22 @@ def _cached_shard(path: Path, n_rows: int) -> bool:
     return arr.dtype == np.float16 and arr.ndim == 2 and arr.shape[0] == n_rows
 
 
+def manifest_context(cfg: EmbedConfig, identity: dict, device: str, dim: int, layout: Layout,
+                     docs: str | Path, corpus_sha: str, key: str) -> dict:
+    """What every part of one embedding run shares, and the manifest records: the model,
+    the text layout and the corpus the vectors come from."""
+    return {
+        "model": identity, "trust_remote_code": cfg.trust_remote_code, "device": device,
+        "dim": dim, "dtype": "float16", "normalized": True,
+        "text": {"mode": layout.mode, "max_tokens": layout.budget, "window": layout.window,
+                 "stride": layout.stride, "max_passages": layout.max_passages,
+                 "title_in_text": layout.title_in_text},
+        "passage_prefix": cfg.passage_prefix, "query_prefix": cfg.query_prefix,
+        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
+        "corpus": {"file": str(docs), "sha256": corpus_sha}, "cache_key": key,
+    }
+
+
 def embed_shard(cfg: EmbedConfig, *, shard: Shard, params: str, docs: Path, part: Path) -> dict:
     """Embed the documents of `shard`'s files into the part directory `part`; returns the
     part's info (its files and rows)."""
@@ -358,16 +374,8 @@ def embed_shard(cfg: EmbedConfig, *, shard: Shard, params: str, docs: Path, part
     key = cache_key(identity, cfg, layout, device, corpus_sha)
     cache = cache_root() / "embed" / key
     cache.mkdir(parents=True, exist_ok=True)
-    context = {
-        "model": identity, "trust_remote_code": cfg.trust_remote_code, "device": device,
-        "dim": embedding_dim(model), "dtype": "float16", "normalized": True,
-        "text": {"mode": layout.mode, "max_tokens": layout.budget, "window": layout.window,
-                 "stride": layout.stride, "max_passages": layout.max_passages,
-                 "title_in_text": layout.title_in_text},
-        "passage_prefix": cfg.passage_prefix, "query_prefix": cfg.query_prefix,
-        "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
-        "corpus": {"file": str(docs), "sha256": corpus_sha}, "cache_key": key,
-    }
+    context = manifest_context(cfg, identity, device, embedding_dim(model), layout,
+                               docs, corpus_sha, key)
     rows = range(owned.start * cfg.shard_size, min(owned.stop * cfg.shard_size, n_docs))
     log.info("embed %s: documents %d..%d of %d (%s, cache %s)", shard.name, rows.start,
              rows.stop, n_docs, layout.mode, cache)
