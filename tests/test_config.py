@@ -163,10 +163,10 @@ RULES = [
      ("stages.schedule[0].mixture: shares must sum to 1, got 0.0 (long 0.0, long_output 0.0, "
      "short 0.0); set all three")),
     ({"stages": {"schedule": [{"length": 4096, "steps": 10, "sequences": 30}]},
-      "train": {"batch_size": 2, "grad_accum": 2}},
+      "train": {"batch_size": 2, "global_batch": 4}},
      ("stages.schedule[0].sequences: 30 are too few: 10 steps x 4 sequences per step "
-     "(train.batch_size x grad_accum x processes / context_parallel) need 40: raise it "
-     "(samples repeat) or lower stages.schedule[0].steps")),
+     "(train.global_batch) need 40: raise it (samples repeat) or lower "
+     "stages.schedule[0].steps")),
     ({"index": {"type": "ivf_flat", "nlist": 64, "train_size": 50}},
      "index.train_size: 50 is below index.nlist 64 (IVF needs at least nlist training vectors)"),
     ({"index": {"type": "ivf_pq", "nlist": 4, "pq_bits": 8, "train_size": 100}},
@@ -187,6 +187,17 @@ RULES = [
      "lmeval.tasks[0]: unknown task 'longctx_clozes' (shipped: longctx_cloze, longctx_ruler)"),
     ({"train": {"processes": 3, "context_parallel": 2}},
      "train.context_parallel: 2 must divide train.processes 3"),
+    ({"train": {"processes": 4, "nodes": 3, "global_batch": 4}},
+     "train.nodes: 3 machines do not split train.processes 4 evenly: make processes a "
+     "multiple of nodes"),
+    ({"train": {"processes": 2, "global_batch": 3}},
+     ("train.global_batch: 3 sequences do not split into micro-batches of batch_size 1 over 2 "
+      "data-parallel replicas (processes / context_parallel): make it a multiple of 2")),
+    ({"train": {"processes": 2, "nodes": 2, "global_batch": 2, "rendezvous": "node0"}},
+     "train.rendezvous: 'node0' is not HOST:PORT"),
+    ({"train": {"grad_accum": 4}},
+     ("train.grad_accum: replaced by train.global_batch, the sequences per optimizer step "
+      "(batch_size x grad_accum x processes / context_parallel before)")),
     ({"pack": {"short_source": "file"}},
      "pack.short_path: required when pack.short_source is 'file'"),
     ({"long_output": {"min_tokens": 4096, "max_tokens": 2048}},
@@ -213,7 +224,7 @@ def test_rules_hold_at_their_edges():
     validate_params({"pack": {"mixture": {"long": 0.7, "long_output": 0.1, "short": 0.2}}})
     validate_params({"pack": {"mixture": {"long": 1, "long_output": 0, "short": 0}}})
     validate_params({"stages": {"schedule": [{"length": 4096, "steps": 10, "sequences": 40}]},
-                     "train": {"batch_size": 2, "grad_accum": 2}})
+                     "train": {"batch_size": 2, "global_batch": 4}})
     validate_params({"index": {"type": "ivf_flat", "nlist": 64, "train_size": 64}})
     replicas = validate_params({"llm": {"backend": "openai", "base_url": [
         "http://10.0.0.1:8000/v1/", "https://gpu-2.cluster/v1"]}}).llm

@@ -7,56 +7,32 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from llm_data import build_tiny_chat_model
-from safetensors.torch import load_file
+from train_data import (
+    assert_same,
+    assert_same_curves,
+    curve,
+    launch,
+    make_params,
+    python,
+    run,
+    train_cli,
+    train_command,
+    weights,
+    write_params,
+    write_sequences,
+)
 
 from longctx.config import TrainConfig, validate_params
 from longctx.errors import ConfigError, LongctxError
-from longctx.sequences import SCHEMA
-from longctx.train.loop import TrainingInterrupted, lr_factor, train_stage
-
-
-def write_sequences(path, n=12, length=64, seed=0, packed=True):
-    """n sequences: even ones a single long sample (all learnt), odd ones three short samples
-    (the last third of each learnt; `packed=False`: long ones too), as the pack step writes
-    them; tokens count up mod 17."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        if i % 2 == 0 or not packed:
-            size = int(torch.randint(length // 2, length + 1, (1,), generator=g))
-            lengths, learn = [size], [True] * size
-        else:
-            lengths = [int(x) for x in torch.randint(6, length // 3, (3,), generator=g)]
-            learn = [t >= 2 * n_ // 3 for n_ in lengths for t in range(n_)]
-        start = int(torch.randint(0, 17, (1,), generator=g))  # a cycle: learnable in few steps
-        ids = [3 + (start + t) % 17 for t in range(sum(lengths))]
-        rows.append({"sequence": i, "kind": "long" if i % 2 == 0 else "short", "input_ids": ids,
-                     "learn": learn, "sample_lengths": lengths,
-                     "sample_ids": [f"s{i}/{k}" for k in range(len(lengths))]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
-    return path
-
-
-def make_params(steps=4, **train):
-    base = {"lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 2, "device": "cpu",
-            "loss_chunk_tokens": 16, "save_dtype": "float32", "weight_decay": 0.0}
-    return validate_params({
-        "seed": 7,
-        "stages": {"base_length": 32, "schedule": [{"length": 64, "steps": steps},
-                                                   {"length": 128, "steps": 2}]},
-        "train": {**base, **train},
-    })
+from longctx.train.loop import TrainingInterrupted, lr_factor
 
 
 @pytest.fixture
@@ -64,26 +40,6 @@ def setup(tmp_path):
     base = build_tiny_chat_model(tmp_path / "base", max_positions=64)
     seqs = write_sequences(tmp_path / "pack" / "stage-0.parquet")
     return tmp_path, base, seqs
-
-
-def run(tmp_path, base, seqs, params, name="run", stage=0, init=None, on_step=None):
-    return train_stage(params, stage=stage, base=base, init=init or base, sequences=seqs,
-                       model=tmp_path / name / "model", live=tmp_path / name / "live",
-                       checkpoints=tmp_path / name / "checkpoints", on_step=on_step)
-
-
-def weights(model_dir):
-    return load_file(model_dir / "model.safetensors")
-
-
-def assert_same(a, b, exact=True):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        if exact:
-            assert torch.equal(wa[k], wb[k]), k
-        else:
-            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
@@ -175,8 +131,8 @@ def test_loss_weighs_every_token_alike_across_micro_batches(setup):
     """Two sequences as one padded, masked micro-batch, or as two accumulated ones: the same
     update (the loss is normalised by the step's token count, not averaged per batch)."""
     tmp_path, base, seqs = setup
-    run(tmp_path, base, seqs, make_params(steps=2, batch_size=2), "batched")
-    run(tmp_path, base, seqs, make_params(steps=2, grad_accum=2), "accumulated")
+    run(tmp_path, base, seqs, make_params(steps=2, batch_size=2, global_batch=2), "batched")
+    run(tmp_path, base, seqs, make_params(steps=2, global_batch=2), "accumulated")
     assert_same(tmp_path / "batched" / "model", tmp_path / "accumulated" / "model", exact=False)
     assert_same_curves(tmp_path / "batched" / "live", tmp_path / "accumulated" / "live", 2)
 
@@ -184,7 +140,7 @@ def test_loss_weighs_every_token_alike_across_micro_batches(setup):
 def test_bad_setups_fail_before_training(setup, tmp_path):
     _, base, seqs = setup
     with pytest.raises(LongctxError, match=r"12 sequences, but 7 steps x 2 .* need 14"):
-        run(tmp_path, base, seqs, make_params(steps=7, batch_size=2))
+        run(tmp_path, base, seqs, make_params(steps=7, batch_size=2, global_batch=2))
     with pytest.raises(ConfigError, match=r"stages.schedule\[1\].length: 48 must exceed"):
         validate_params({"stages": {"schedule": [{"length": 64}, {"length": 48}]}})  # at once
     at_base = make_params().model_copy(update={"stages": validate_params({"stages": {
@@ -207,52 +163,6 @@ def test_bad_setups_fail_before_training(setup, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def curve(live_dir, metric):
-    """A logged training metric, one value per step (dvclive's tsv)."""
-    rows = (live_dir / "plots" / "metrics" / "train" / f"{metric}.tsv").read_text().split("\n")
-    return [float(line.split("\t")[-1]) for line in rows[1:] if line]
-
-
-def assert_same_curves(live_a, live_b, steps):
-    """The same loss and gradient norm at every step: the same gradient, not merely the same
-    direction (AdamW's update hides a uniformly mis-scaled gradient)."""
-    for metric in ("loss", "grad_norm"):
-        assert len(curve(live_a, metric)) == steps
-        assert curve(live_a, metric) == pytest.approx(curve(live_b, metric), rel=1e-4), metric
-
-
-def write_params(tmp_path, params):
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return params_file
-
-
-def python(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-
-
-def launch(root, name):
-    """`accelerate launch` with configs/accelerate/<name>.yaml on 2 CPU processes; FSDP2
-    through tests/fsdp2_on_cpu.py (accelerate runs FSDP only on GPUs unless told)."""
-    command = ["-m", "accelerate.commands.launch", "--config_file",
-               str(root / "configs" / "accelerate" / f"{name}.yaml"), "--num_processes", "2"]
-    return command + ([str(root / "tests" / "fsdp2_on_cpu.py")] if name == "fsdp2" else [])
-
-
-def train_command(params_file, base, seqs, out):
-    return ["-m", "longctx.cli", "--params", str(params_file), "train", "--stage", "0",
-            "--base", str(base), "--init", str(base), "--sequences", str(seqs),
-            "--model", str(out / "model"), "--live", str(out / "live"),
-            "--checkpoints", str(out / "checkpoints")]
-
-
-def train_cli(params_file, base, seqs, out, launcher=()):
-    """`longctx train` as the rule runs it (it relaunches itself as the params say), or run
-    directly under `launcher`."""
-    return python(*launcher, *train_command(params_file, base, seqs, out))
-
-
 @pytest.mark.parametrize("launcher", ["one process", "zero3", "fsdp2"])
 def test_bf16_trains_like_fp32(setup, root, launcher):
     """`train.dtype: bfloat16`, the GPU default, run on CPU through `longctx train`: in one
@@ -267,16 +177,16 @@ def test_bf16_trains_like_fp32(setup, root, launcher):
     settings = {"steps": 3, "dtype": "bfloat16", "save_dtype": "bfloat16"}
     if launcher == "zero3":
         pytest.importorskip("deepspeed")
-        settings.update(processes=2, grad_accum=2,
+        settings.update(processes=2, global_batch=4,
                         accelerate_config=str(root / "configs/accelerate/zero3.yaml"))
     elif launcher == "fsdp2":
-        settings.update(processes=2, grad_accum=2)
+        settings.update(processes=2, global_batch=4)
     else:
-        settings.update(grad_accum=4)
+        settings.update(global_batch=4)
     # an output projection of 4096 x 32: over DeepSpeed's persistence threshold (partitioned)
     base = build_tiny_chat_model(tmp_path / "tied", max_positions=64, vocab_size=4096,
                                  tied=True)
-    run(tmp_path, base, seqs, make_params(steps=3, grad_accum=4), "fp32")
+    run(tmp_path, base, seqs, make_params(steps=3, global_batch=4), "fp32")
     result = train_cli(write_params(tmp_path, make_params(**settings)), base, seqs,
                        tmp_path / "bf16", launch(root, "fsdp2") if launcher == "fsdp2" else ())
     assert result.returncode == 0, result.stderr[-3000:]
@@ -311,9 +221,9 @@ def test_two_processes_take_signals_and_train_like_one_accumulating(setup):
     same two sequences per step; each step and the stop are logged once (by rank 0)."""
     tmp_path, base, _ = setup
     seqs = write_sequences(tmp_path / "many.parquet", n=60)
-    run(tmp_path, base, seqs, make_params(steps=30, grad_accum=2, checkpoint_every=1000),
+    run(tmp_path, base, seqs, make_params(steps=30, global_batch=2, checkpoint_every=1000),
         "one")
-    params_file = write_params(tmp_path, make_params(steps=30, processes=2,
+    params_file = write_params(tmp_path, make_params(steps=30, processes=2, global_batch=2,
                                                      checkpoint_every=1000))
     out = tmp_path / "two"
     proc = subprocess.Popen([sys.executable, *train_command(params_file, base, seqs, out)],
@@ -361,13 +271,13 @@ def test_sharded_runs_accumulate_and_resume_like_one_process(setup, root, launch
     # really partitioned, so the chunked loss must have it gathered (external parameter)
     base = build_tiny_chat_model(tmp_path / "base-4k", max_positions=64, vocab_size=4096,
                                  tied=True)
-    run(tmp_path, base, seqs, make_params(steps=3, grad_accum=4), "one")
-    params = make_params(steps=3, grad_accum=2, processes=2, checkpoint_every=1,
+    run(tmp_path, base, seqs, make_params(steps=3, global_batch=4), "one")
+    params = make_params(steps=3, global_batch=4, processes=2, checkpoint_every=1,
                          accelerate_config=str(root / f"configs/accelerate/{launcher}.yaml"))
     params_file = write_params(tmp_path, params)
     out = tmp_path / launcher
     killed = python(*launch(root, launcher), str(root / "tests" / "crashing_train.py"),
-                    str(params_file), str(base), str(seqs), str(out), "2")
+                    str(params_file), str(base), str(seqs), str(out), "step", "2")
     assert killed.returncode != 0 and "killed after step 2" in killed.stderr, \
         killed.stderr[-3000:]
     assert not (out / "model").exists()
@@ -392,8 +302,8 @@ def test_context_parallel_trains_like_one_process(setup, root):
     pytest.importorskip("deepspeed")
     tmp_path, base, _ = setup
     seqs = write_sequences(tmp_path / "long.parquet", packed=False)
-    run(tmp_path, base, seqs, make_params(steps=3, grad_accum=2), "one")
-    params = make_params(steps=3, grad_accum=2, processes=2, context_parallel=2,
+    run(tmp_path, base, seqs, make_params(steps=3, global_batch=2), "one")
+    params = make_params(steps=3, global_batch=2, processes=2, context_parallel=2,
                          accelerate_config=str(root / "configs/accelerate/zero3.yaml"))
     out = tmp_path / "cp"
     result = train_cli(write_params(tmp_path, params), base, seqs, out)
@@ -428,20 +338,78 @@ def test_launcher_relaunches_only_when_asked(monkeypatch, root):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     argv = ["train", "--stage", "0"]
     assert launcher(TrainConfig(), argv) is None
-    torchrun = launcher(TrainConfig(processes=2), argv)
-    assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             "2"] and torchrun[-5:] == ["-m", "longctx.cli", *argv]
+    torchrun = launcher(TrainConfig(processes=2, global_batch=2), argv)
+    assert torchrun[1:7] == ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--standalone", "-m"] and torchrun[-4:] == ["longctx.cli", *argv]
     monkeypatch.chdir(root)
     for name in ("single", "ddp", "fsdp2", "zero3"):
         config = f"configs/accelerate/{name}.yaml"
         load_config_from_file(config)  # accelerate itself accepts the file
-        command = launcher(TrainConfig(accelerate_config=config, processes=4), argv)
+        command = launcher(TrainConfig(accelerate_config=config, processes=4, global_batch=4),
+                           argv)
         assert command[1:7] == ["-m", "accelerate.commands.launch", "--config_file", config,
                                 "--num_processes", "4"]  # the params' count, not the file's
     with pytest.raises(ConfigError, match="train.accelerate_config: nowhere.yaml: file not found"):
         launcher(TrainConfig(accelerate_config="nowhere.yaml"), argv)
     monkeypatch.setenv("WORLD_SIZE", "2")  # already launched: train here
-    assert launcher(TrainConfig(processes=2), argv) is None
+    assert launcher(TrainConfig(processes=2, global_batch=2), argv) is None
+
+
+def test_machines_meet_by_c10d_rendezvous(monkeypatch, root):
+    """`train.nodes` > 1: one torchrun agent per machine (processes / nodes each) meeting at
+    `train.rendezvous` by c10d, within the params' timeout; `accelerate launch` is told the
+    machines, this one's rank and the same rendezvous; outside SLURM the endpoint is needed."""
+    from longctx.train.launch import launcher
+
+    for name in ("WORLD_SIZE", "SLURM_JOB_ID", "SLURM_NODEID", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["train", "--stage", "0"]
+    two = {"processes": 4, "nodes": 2, "global_batch": 4, "rendezvous": "10.0.0.1:29400",
+           "rendezvous_timeout_s": 60}
+    assert launcher(TrainConfig(**two), argv)[1:] == [
+        "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "2",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id",
+        "longctx-train", "--rdzv-conf", "join_timeout=60,read_timeout=60", "-m", "longctx.cli",
+        *argv]
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("NODE_RANK", "1")
+    command = launcher(TrainConfig(**two, accelerate_config="configs/accelerate/zero3.yaml"),
+                       argv)
+    assert command[7:21] == ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip",
+                             "10.0.0.1", "--main_process_port", "29400", "--rdzv_backend",
+                             "c10d", "--deepspeed_multinode_launcher", "standard", "-m",
+                             "longctx.cli"]
+    with pytest.raises(LongctxError, match="2 machines need train.rendezvous"):
+        launcher(TrainConfig(**{**two, "rendezvous": None}), argv)
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="SLURM's scontrol not installed "
+                    "(.ci/slurm-cluster.sh installs it)")
+def test_under_slurm_srun_starts_an_agent_on_every_node(monkeypatch):
+    """In a SLURM job of 2 nodes, `longctx train` runs itself on each node through srun (one
+    task per node); each of those agents meets the others at the job's first node, on a
+    port of the job's own, with its SLURM node id as machine rank. A job with fewer nodes
+    than the params ask is refused."""
+    from longctx.train.launch import NODE_AGENT, launcher
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(NODE_AGENT, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4321")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    argv = ["train", "--stage", "0"]
+    cfg = TrainConfig(processes=16, nodes=2, global_batch=8)
+    assert launcher(cfg, argv) == [
+        "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        f"--export=ALL,{NODE_AGENT}=1", sys.executable, "-m", "longctx.cli", *argv]
+    monkeypatch.setenv(NODE_AGENT, "1")  # srun's task on a node
+    agent = launcher(cfg, argv)
+    assert agent[3:5] == ["--nproc_per_node", "8"]
+    assert agent[agent.index("--rdzv-endpoint") + 1] == "gpu07:24321"
+    assert agent[agent.index("--rdzv-id") + 1] == "longctx-4321"
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    with pytest.raises(LongctxError, match="train.nodes: 2 machines, but this SLURM job has 1"):
+        launcher(cfg, argv)
 
 
 DYING_LAUNCHER = """
@@ -475,8 +443,8 @@ def test_a_killed_launchers_processes_save_before_the_command_returns(tmp_path, 
     from longctx.train.launch import run as run_launcher
 
     out = tmp_path / "checkpoint"
-    status = run_launcher([sys.executable, "-c", DYING_LAUNCHER, SAVING_WORKER, str(out)])
-    assert status == -signal.SIGKILL
+    ended = run_launcher([sys.executable, "-c", DYING_LAUNCHER, SAVING_WORKER, str(out)])
+    assert ended.status == -signal.SIGKILL and ended.started
     assert out.read_text() == f"saved, child of {os.getpid()}"  # adopted, then reaped
     assert "launcher ended (status -9); waiting for 1 training process(es)" in caplog.text
 

@@ -197,7 +197,7 @@ def test_the_cluster_section_names_exactly_the_rules_of_the_dag(root):
 
 def test_a_rules_cluster_job_asks_for_the_gpus_its_step_runs_on():
     on_gpu = {"llm": {"backend": "hf", "device": "cuda"}, "embed": {"device": "cuda"},
-              "train": {"device": "cuda", "processes": 4},
+              "train": {"device": "cuda", "processes": 4, "global_batch": 4},
               "cluster": {"gpu_model": "h100", "signal_margin_s": 120,
                           "rules": {"summarize": {"mem_mb": 2000, "partition": "short"}}}}
     shard = job_resources(on_gpu, "summarize_shard")
@@ -208,6 +208,12 @@ def test_a_rules_cluster_job_asks_for_the_gpus_its_step_runs_on():
                       "slurm_partition": "short"}
     train = job_resources(on_gpu, "train_stage")
     assert train["gpu"] == 4 and train["slurm_extra"] == "--signal=USR1@120"
+    machines = {**on_gpu, "train": {"device": "cuda", "processes": 16, "nodes": 2,
+                                    "global_batch": 16}}
+    assert job_resources(machines, "train_stage") == {  # srun inside: one task per node
+        "cpus_per_task": 4, "mem_mb": 16000, "runtime": 240, "slurm_partition": "gpu",
+        "nodes": 2, "tasks": 2, "mpi": "srun",
+        "slurm_extra": "--signal=USR1@120 --ntasks-per-node=1 --gpus-per-node=h100:8"}
     assert job_resources(on_gpu, "embed_shard")["gpu"] == 1
     assert "gpu" not in job_resources(on_gpu, "embed")  # the gather only concatenates
     assert job_resources(on_gpu, "instructions")["gpu"] == 1  # its gather runs later rounds

@@ -194,7 +194,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     command = launcher(params.train, args.argv)
     if command is not None:  # several processes: the launcher runs this same command in each
         log.info("train: %s", " ".join(command))
-        if run(command) != 0:
+        ended = run(command, relay=command[0] == "srun")
+        if ended.status != 0 and not ended.started and params.train.nodes > 1:
+            raise LongctxError(
+                f"stage {args.stage}: the {params.train.nodes} machines did not meet within "
+                f"train.rendezvous_timeout_s ({params.train.rendezvous_timeout_s} s): every "
+                "machine must run `longctx train` with the same train.nodes and "
+                "train.rendezvous, and the first must be reachable there (torchrun's reason "
+                "is above)")
+        if ended.status != 0:
             raise LongctxError(f"stage {args.stage}: a training process failed or was stopped "
                                "(see above)")
         return

@@ -203,6 +203,15 @@ def _check_url(key: str, url: Any) -> None:
         raise RuleError(key, f"{url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
 
 
+def host_port(text: str) -> tuple[str, int] | None:
+    """(host, port) of a `HOST:PORT` string (an IPv6 host in brackets), None if it is not one."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or " " in host:
+        return None
+    return host, int(port)
+
+
 def _base_url_value(value: Any) -> Any:
     """llm.base_url: None, one URL or a non-empty list of distinct URLs, checked before the
     union is tried, so a mistake reads as one reason, not one per member of `str | list`."""
@@ -553,7 +562,12 @@ class TrainConfig(Section):
         default=1.0, description="clip the global gradient norm (None: no clipping)"
     )
     batch_size: PositiveInt = Field(default=1, description="sequences per micro-batch and process")
-    grad_accum: PositiveInt = Field(default=1, description="micro-batches per optimizer step")
+    global_batch: PositiveInt = Field(
+        default=1, description="sequences per optimizer step over all processes: the run's "
+        "invariant. Each process accumulates global_batch / (batch_size x processes / "
+        "context_parallel) micro-batches, so a stage resumes on another process count and "
+        "ends where it would have"
+    )
     attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         default="sdpa", description="attention kernel; flash_attention_2 (the `gpu` extra) "
         "keeps packed samples apart through position ids, flex_attention (GPU only: no "
@@ -577,9 +591,23 @@ class TrainConfig(Section):
         "for multi-process runs)"
     )
     processes: PositiveInt = Field(
-        default=1, description="training processes: > 1 relaunches `longctx train` under "
-        "torchrun (data parallel; gloo on CPU); with accelerate_config, the process count of "
-        "`accelerate launch` (over the file's num_processes)"
+        default=1, description="training processes over all machines: > 1 relaunches "
+        "`longctx train` under torchrun (data parallel; gloo on CPU); with accelerate_config, "
+        "the process count of `accelerate launch` (over the file's num_processes)"
+    )
+    nodes: PositiveInt = Field(
+        default=1, description="machines the processes span (processes / nodes on each): > 1 "
+        "starts one torchrun agent per machine, meeting by c10d rendezvous; under SLURM the "
+        "job's nodes (the SLURM profile asks for them) through srun"
+    )
+    rendezvous: str | None = Field(
+        default=None, description="HOST:PORT where the machines of a nodes > 1 run meet (run "
+        "the same `longctx train` on each); unset under SLURM: the job's first node, port "
+        "20000 + job id mod 20000"
+    )
+    rendezvous_timeout_s: PositiveInt = Field(
+        default=300, description="seconds a machine waits for the rendezvous to answer and "
+        "for every machine to join, before it fails with one clear line"
     )
     accelerate_config: str | None = Field(
         default=None, description="an accelerate config file (configs/accelerate/: single, "
@@ -603,6 +631,22 @@ class TrainConfig(Section):
     keep_checkpoints: PositiveInt = Field(default=2, description="checkpoints kept per stage")
     log_every: PositiveInt = Field(default=1, description="a log line (loss, lr, grad norm, "
                                    "tokens/s, memory) every N steps; dvclive records every step")
+
+    @model_validator(mode="after")
+    def _layout_fits(self) -> TrainConfig:
+        """Processes split evenly over machines, the global batch into micro-batches."""
+        if self.processes % self.nodes:
+            raise RuleError("nodes", f"{self.nodes} machines do not split train.processes "
+                            f"{self.processes} evenly: make processes a multiple of nodes")
+        if self.rendezvous is not None and host_port(self.rendezvous) is None:
+            raise RuleError("rendezvous", f"{self.rendezvous!r} is not HOST:PORT")
+        replicas = max(1, self.processes // self.context_parallel)
+        if self.global_batch % (self.batch_size * replicas):
+            raise RuleError("global_batch", f"{self.global_batch} sequences do not split into "
+                            f"micro-batches of batch_size {self.batch_size} over {replicas} "
+                            "data-parallel replicas (processes / context_parallel): make it a "
+                            f"multiple of {self.batch_size * replicas}")
+        return self
 
     @model_validator(mode="after")
     def _context_parallel_fits(self) -> TrainConfig:
@@ -801,7 +845,7 @@ def _sequence_faults(params: Params) -> list[RuleError]:
     """A stage's explicit `sequences` must cover its steps: pack writes exactly that many,
     and training needs steps x (sequences per step) of them."""
     train = params.train
-    per_step = train.batch_size * train.grad_accum * train.processes // train.context_parallel
+    per_step = train.global_batch
     faults = []
     for i, stage in enumerate(params.stages.schedule):
         need = stage.steps * per_step
@@ -809,9 +853,8 @@ def _sequence_faults(params: Params) -> list[RuleError]:
             key = f"stages.schedule[{i}]"
             faults.append(RuleError(f"{key}.sequences", f"{stage.sequences} are too few: "
                                     f"{stage.steps} steps x {per_step} sequences per step "
-                                    "(train.batch_size x grad_accum x processes / "
-                                    f"context_parallel) need {need}: raise it (samples repeat) "
-                                    f"or lower {key}.steps"))
+                                    f"(train.global_batch) need {need}: raise it (samples "
+                                    f"repeat) or lower {key}.steps"))
     return faults
 
 
@@ -875,6 +918,13 @@ class Params(Section):
         return self
 
 
+# Keys a release replaced: what to write instead, where an old params file still has them.
+RENAMED = {
+    "train.grad_accum": "replaced by train.global_batch, the sequences per optimizer step "
+                        "(batch_size x grad_accum x processes / context_parallel before)",
+}
+
+
 def _key_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for part in loc:
@@ -892,7 +942,7 @@ def _problems(err: dict[str, Any]) -> list[str]:
         return [f"{join_key(path, key) or '(top level)'}: {reason}"
                 for key, reason in cause.problems]
     if err["type"] == "extra_forbidden":
-        reason = "unknown key"
+        reason = RENAMED.get(path, "unknown key")
     elif isinstance(cause, Exception):
         reason = str(cause)
     else:

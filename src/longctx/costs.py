@@ -399,7 +399,7 @@ def training(params: Params, base: Shape, syn: Synthesis, filled: list[bool], ra
     from longctx.pack.plan import kind_shares, plan_counts
     from longctx.train.positions import sequences_per_step
 
-    per_step = sequences_per_step(params.train, params.train.processes)
+    per_step = sequences_per_step(params.train)
     thetas, problems = rope_bases(params, base)
     rows, notes = [], []
     for i, spec in enumerate(params.stages.schedule):

@@ -135,6 +135,19 @@ class SequenceTable:
     def sample_ids(self, i: int) -> list[str]:
         return self._row(i)["sample_ids"]
 
+    def targets(self, indices: Iterable[int]) -> tuple[int, int]:
+        """(target tokens, tokens) of the sequences `indices`: every learnt token but each
+        sample's first (nothing before it in the sample predicts it), and every token. What
+        a training step divides its loss by, counted here by every process alike."""
+        learnt = tokens = 0
+        for i in indices:
+            row = self._row(i)
+            learn = np.asarray(row["learn"], dtype=bool)
+            starts = np.cumsum([0] + row["sample_lengths"][:-1])
+            learnt += int(learn.sum()) - int(learn[starts].sum())
+            tokens += len(learn)
+        return learnt, tokens
+
 
 def _check_row(row: dict[str, Any], i: int, where: str) -> None:
     if row["sequence"] != i:

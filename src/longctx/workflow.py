@@ -326,13 +326,29 @@ def job_resources(config: dict[str, Any], rule: str) -> dict[str, Any]:
         "slurm_partition": job.partition
         or (cluster.gpu_partition if gpus else cluster.cpu_partition),
     }
+    if rule == "train_stage":
+        resources["slurm_extra"] = f"--signal=USR1@{cluster.signal_margin_s}"
+        if params.train.nodes > 1:
+            return _across_machines(resources, params, gpus // params.train.nodes)
     if gpus:
         resources["gpu"] = gpus
         if cluster.gpu_model:
             resources["gpu_model"] = cluster.gpu_model
-    if rule == "train_stage":
-        resources["slurm_extra"] = f"--signal=USR1@{cluster.signal_margin_s}"
     return resources
+
+
+def _across_machines(resources: dict[str, Any], params: Any, gpus_per_node: int
+                     ) -> dict[str, Any]:
+    """A training job over `train.nodes` machines: one task per node (`longctx train` starts
+    its torchrun agents there with srun, so the plugin runs it without srun: `mpi`), each
+    with the CPUs and `gpus_per_node` GPUs (sbatch --gpus-per-node: the plugin's `gpu` is a
+    job total, which SLURM may spread unevenly)."""
+    nodes, model = params.train.nodes, params.cluster.gpu_model
+    extra = " --ntasks-per-node=1"
+    if gpus_per_node:
+        extra += f" --gpus-per-node={model + ':' if model else ''}{gpus_per_node}"
+    return {**resources, "nodes": nodes, "tasks": nodes, "mpi": "srun",
+            "slurm_extra": resources["slurm_extra"] + extra}
 
 
 def keep_running_on_usr1(workflow: Any) -> None:

@@ -2,8 +2,8 @@
 
 Stage k starts from stage k-1's final weights (stage 0 from the base model) with the stage's
 RoPE base and length written into the config, and a fresh optimizer. The loop is plain:
-per optimizer step, `grad_accum` micro-batches per process, each loss a SUM over its target
-tokens divided by the step's token count over all micro-batches and processes, so every
+per optimizer step, `train.global_batch` sequences over all processes in micro-batches, each
+loss a SUM over its target tokens divided by the step's target tokens, so every
 token weighs the same however tokens fall into micro-batches (and the gradient mean over
 processes of DDP, FSDP2 or DeepSpeed is undone by the factor `world`). The logits of a long
 sequence are never materialised whole (chunked cross-entropy), activations are recomputed in
@@ -11,9 +11,10 @@ the backward pass, bf16 autocast on GPU, fp32 on CPU.
 
 Every check that can fail (schedule, data, initial weights) runs before the model loads.
 Resumable state goes to `checkpoints/stage-<k>/` every `checkpoint_every` steps (but the last,
-which the stage's model follows at once) and on SIGTERM (then stop) or SIGUSR1 (then go on); a
-rerun resumes from the newest one with the same weights, optimizer, data position and RNG
-states, so a killed-and-resumed stage ends with the weights of an uninterrupted one. Once the
+which the stage's model follows at once) and on SIGTERM (then stop) or SIGUSR1 (then go on),
+at the end of the micro-batch a signal arrives in; a rerun, on any process count, resumes
+from the newest one with the same weights, optimizer, data position (inside a step too) and
+RNG states, so a killed-and-resumed stage ends with the weights of an uninterrupted one. Once the
 stage's model is written, its checkpoints are deleted (the next stage starts with a fresh
 optimizer; they would only take disk).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,11 +46,11 @@ from longctx.errors import LongctxError
 from longctx.llm.base import derive_seed
 from longctx.tokens import load_tokenizer
 from longctx.train import distributed, preflight
-from longctx.train.checkpoint import Checkpointer, Signals, run_name
+from longctx.train.checkpoint import Checkpointer, Position, Signals, run_name
 from longctx.train.data import Packed
-from longctx.train.loss import IGNORE_INDEX, LossModel
+from longctx.train.loss import LossModel
 from longctx.train.metrics import Metrics, StepStats
-from longctx.train.positions import sequences_per_step
+from longctx.train.positions import micro_batches, round_size, step_sequences
 from longctx.train.preflight import Plan
 from longctx.train.rope import stage_config
 
@@ -88,49 +90,70 @@ def train_stage(params: Params, *, stage: int, base: Path, init: Path, sequences
     accelerator = distributed.setup(cfg)
     world = accelerator.num_processes
     preflight.check_process(plan, cfg, accelerator.device, world)
-    checkpointer = Checkpointer(accelerator, Path(checkpoints), run_name(params, plan, world),
-                                stage=stage, every=cfg.checkpoint_every,
-                                keep=cfg.keep_checkpoints)
+    checkpointer = Checkpointer(accelerator, Path(checkpoints), run_name(params, plan), cfg,
+                                stage=stage, margin_s=_signal_margin(params))
+    universal = checkpointer.find()
     set_seed(derive_seed(params.seed, "train", stage) % 2**32)
 
     tokenizer = load_tokenizer(plan.init)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     net = _load_model(plan, params)
-    net, optimizer = distributed.prepare(accelerator, net, _optimizer(net, cfg), cfg)
-    step, history = checkpointer.resume()
+    net, optimizer = distributed.prepare(accelerator, net, _optimizer(net, cfg), cfg, universal)
+    at, history = checkpointer.resume(net)
     _log_plan(plan, cfg, world)
     metrics = Metrics(Path(live), history, main=accelerator.is_main_process,
-                      device=accelerator.device, stage=stage, step=step, steps=plan.steps,
+                      device=accelerator.device, stage=stage, step=at.step, steps=plan.steps,
                       log_every=cfg.log_every)
+    rounds = round_size(cfg, world)
+
+    def save(position: Position, received: int) -> None:
+        """A checkpoint if one is due or a signal asked for it; SIGTERM then stops."""
+        checkpointer.maybe_save(net, position, last=position.step == plan.steps,
+                                signal=received, history=history)
+        if received == Signals.STOP:
+            metrics.close()
+            raise TrainingInterrupted(
+                f"stage {stage}: stopped by SIGTERM {position.describe(plan.steps, cfg)}; "
+                f"state saved in {checkpointer.run_dir}; rerun the same command to resume")
+
+    def between(micro: int, loss_sum: torch.Tensor) -> None:
+        """After micro-batch `micro` of the step from `at`: a signal saves the step so far."""
+        if received := signals.take(accelerator):
+            done = at.loss_sum + float(accelerator.reduce(loss_sum, "sum"))
+            save(Position(at.step, (micro + 1) * rounds, done), received)
 
     with Signals() as signals:
-        while step < plan.steps:
+        while at.step < plan.steps:
             t0 = time.perf_counter()
-            lr = cfg.lr * lr_factor(step, plan.steps, cfg)
-            batches = distributed.step_batches(plan.sequences, step, accelerator, cfg, pad_id)
-            stats = train_step(net, optimizer, accelerator, batches, lr, cfg)
-            step += 1
-            history.append(metrics.log(step, lr, stats, time.perf_counter() - t0))
+            lr = cfg.lr * lr_factor(at.step, plan.steps, cfg)
+            first = at.done // rounds  # a step resumed in its middle: its next micro-batch
+            batches = distributed.step_batches(plan.sequences, at.step, accelerator, cfg,
+                                               pad_id, first)
+            targets = plan.sequences.targets(step_sequences(at.step, cfg))
+            stats = train_step(net, optimizer, accelerator, batches, lr, cfg, targets,
+                               first=first, loss_before=at.loss_sum, between=between)
+            at = Position(at.step + 1)
+            history.append(metrics.log(at.step, lr, stats, time.perf_counter() - t0))
             if on_step is not None:
-                on_step(step)
-            received = signals.take(accelerator)
-            checkpointer.maybe_save(step, last=step == plan.steps, signal=received,
-                                    history=history)
-            if received == Signals.STOP:
-                metrics.close()
-                raise TrainingInterrupted(
-                    f"stage {stage}: stopped by SIGTERM after step {step} of {plan.steps}; "
-                    f"state saved in {checkpointer.run_dir}; rerun the same command to resume")
+                on_step(at.step)
+            save(at, signals.take(accelerator))
+            checkpointer.check_margin(stats.longest_micro_s)
     metrics.close()
 
-    summary = {"steps": step, "tokens": sum(r["train/learnt_tokens"] for r in history),
+    summary = {"steps": at.step, "tokens": sum(r["train/learnt_tokens"] for r in history),
                "final_loss": history[-1]["train/loss"] if history else None}
     _save_model(accelerator, net, tokenizer, Path(model), params, plan, summary)
     metrics.end({"stage/length": plan.planned.length, "stage/rope_theta": plan.planned.rope_theta,
-                 "stage/steps": step, "stage/learnt_tokens": summary["tokens"]})
+                 "stage/steps": at.step, "stage/learnt_tokens": summary["tokens"]})
     checkpointer.finish()
     _shut_down(accelerator)
     return {**summary, "length": plan.planned.length, "rope_theta": plan.planned.rope_theta}
+
+
+def _signal_margin(params: Params) -> int | None:
+    """Under SLURM, the seconds between the profile's SIGUSR1 and the time limit (a job's
+    signal, `--signal=USR1@margin`, comes from cluster.signal_margin_s); None elsewhere."""
+    return params.cluster.signal_margin_s if "SLURM_JOB_ID" in os.environ else None
 
 
 def _shut_down(accelerator: Any) -> None:
@@ -144,31 +167,39 @@ def _shut_down(accelerator: Any) -> None:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Any,
-               batches: list[Packed], lr: float, cfg: TrainConfig) -> StepStats:
-    """One optimizer step over this process's micro-batches. Each micro-batch's summed loss
-    is divided by the step's target tokens over ALL micro-batches and processes (counted
-    first), so every token weighs the same; the factors undo the mean that the gradient sync
-    (over processes) and Accelerate's backward (over micro-batches) take."""
+               batches: list[Packed], lr: float, cfg: TrainConfig, targets: tuple[int, int],
+               *, first: int = 0, loss_before: float = 0.0,
+               between: Callable[[int, torch.Tensor], None] | None = None) -> StepStats:
+    """One optimizer step over this process's micro-batches, `first` on (a step resumed in
+    its middle, whose partial gradient is restored and whose loss so far is `loss_before`).
+    `targets`: the step's (target tokens, tokens) over every process. Each micro-batch's
+    summed loss is divided by the step's target tokens, so every token weighs the same; the
+    factors undo the mean that the gradient sync (over processes) and Accelerate's backward
+    (over micro-batches) take. `between(micro, this process's loss sum)` runs after each
+    micro-batch but the last, on every process (it may save a checkpoint there, or stop)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    world = accelerator.num_processes
-    counts = torch.tensor([sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches),
-                           sum(int((b.segments >= 0).sum()) for b in batches)],
-                          device=accelerator.device)
-    learnt, tokens = (int(x) for x in accelerator.reduce(counts, "sum"))
+    learnt, tokens = targets
+    micro_batches = accelerator.gradient_accumulation_steps
+    scale = accelerator.num_processes * micro_batches / max(learnt, 1)
+    accelerator.step = first  # accelerate's micro-batch count: the step's last one steps
     loss_sum = torch.zeros((), device=accelerator.device)
-    for batch in batches:
-        with accelerator.accumulate(model):  # syncs gradients on the last micro-batch
+    longest = 0.0
+    for micro, batch in enumerate(batches, start=first):
+        started = time.perf_counter()
+        with accelerator.accumulate(model):
             total, _ = model(*batch.model_inputs(accelerator.device))
-            # backward divides by grad_accum (as DeepSpeed's engine does): undone
-            accelerator.backward(total * world * cfg.grad_accum / max(learnt, 1))
+            accelerator.backward(total * scale)  # (backward divides by micro_batches)
         loss_sum += total.detach()
+        longest = max(longest, time.perf_counter() - started)
+        if between is not None and micro + 1 < micro_batches:
+            between(micro, loss_sum)
     grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                  if cfg.grad_clip else None)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss = float(accelerator.reduce(loss_sum, "sum")) / max(learnt, 1)
-    return StepStats(loss=loss, learnt=learnt, tokens=tokens,
+    loss = (loss_before + float(accelerator.reduce(loss_sum, "sum"))) / max(learnt, 1)
+    return StepStats(loss=loss, learnt=learnt, tokens=tokens, longest_micro_s=longest,
                      grad_norm=None if grad_norm is None else float(grad_norm))
 
 
@@ -176,9 +207,9 @@ def _log_plan(plan: Plan, cfg: TrainConfig, world: int) -> None:
     """The stage as it will run: one line, so a log says what each stage trained."""
     planned = plan.planned
     log.info("stage %d: length %d, RoPE base %g (%s), %d steps of %d sequences, %d process(es)"
-             "%s", plan.stage, planned.length, planned.rope_theta,
-             "derived" if planned.derived else "given", plan.steps,
-             sequences_per_step(cfg, world), world,
+             " accumulating %d micro-batches%s", plan.stage, planned.length, planned.rope_theta,
+             "derived" if planned.derived else "given", plan.steps, cfg.global_batch, world,
+             micro_batches(cfg, world),
              f", context parallel {cfg.context_parallel}" if cfg.context_parallel > 1 else "")
 
 

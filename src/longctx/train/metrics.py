@@ -29,6 +29,7 @@ class StepStats:
     learnt: int  # target tokens
     tokens: int  # tokens, padding aside
     grad_norm: float | None  # before clipping; None when train.grad_clip is off
+    longest_micro_s: float = 0.0  # this process's slowest micro-batch (a signal waits for one)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -84,6 +85,7 @@ class Metrics:
         record = {"step": step, "train/loss": round(stats.loss, 6), "train/lr": lr,
                   "train/learnt_tokens": stats.learnt,
                   "perf/tokens_per_s": round(stats.tokens / seconds, 1),
+                  "perf/step_s": round(seconds, 3),
                   "perf/memory_gib": round(memory_gib(self.device), 3)}
         if stats.grad_norm is not None:
             record["train/grad_norm"] = round(stats.grad_norm, 6)
@@ -92,10 +94,10 @@ class Metrics:
         self._bar.set_postfix(loss=f"{stats.loss:.4f}",
                               tok_s=f"{record['perf/tokens_per_s']:.0f}")
         if step % self.log_every == 0:
-            log.info("stage %d step %d/%d: loss %.4f, lr %.3g%s, %.0f tokens/s, %.2f GiB",
+            log.info("stage %d step %d/%d: loss %.4f, lr %.3g%s, %.3g s, %.0f tokens/s, %.2f GiB",
                      self.stage, step, self.steps, stats.loss, lr,
                      f", grad norm {record['train/grad_norm']:.4g}"
-                     if stats.grad_norm is not None else "",
+                     if stats.grad_norm is not None else "", seconds,
                      record["perf/tokens_per_s"], record["perf/memory_gib"])
         return record
 

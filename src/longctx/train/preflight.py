@@ -27,7 +27,7 @@ from longctx.config import Params, StagesConfig, TrainConfig
 from longctx.errors import LongctxError
 from longctx.sequences import SequenceTable
 from longctx.train.distributed import deepspeed_launched
-from longctx.train.positions import sequences_per_step
+from longctx.train.positions import micro_batches, sequences_per_step
 from longctx.train.rope import ScheduledStage, Stage, base_rope, schedule
 
 
@@ -78,11 +78,12 @@ def plan(params: Params, stage: int, base: Path, init: Path, sequences: Path) ->
 
 
 def check_process(plan: Plan, cfg: TrainConfig, device: torch.device, world: int) -> None:
-    """The checks that need this process's device (kernels) or the process count (how many
-    sequences the steps read), made before the model loads."""
+    """The checks that need this process's device (kernels) or the process count (that the
+    global batch splits over it), made before the model loads."""
     _check_kernels(cfg, device)
+    micro_batches(cfg, world)
     _check_data(plan.sequences, plan.sequences_path, plan.planned, plan.steps,
-                sequences_per_step(cfg, world), plan.key)
+                sequences_per_step(cfg), plan.key)
 
 
 def _check_init(init_dir: Path, stage: int, planned: list[ScheduledStage]) -> None:
@@ -125,7 +126,7 @@ def _check_data(sequences: Any, path: Path, planned: ScheduledStage, steps: int,
     if len(sequences) < need:
         raise LongctxError(
             f"{path}: {len(sequences)} sequences, but {steps} steps x {per_step} sequences per "
-            f"step (batch_size x grad_accum x processes / context_parallel) need {need}; set "
+            f"step (train.global_batch) need {need}; set "
             f"{key}.sequences to at least {need} (samples repeat) or lower {key}.steps")
     longest = sequences.longest()
     if longest > planned.length:
