@@ -398,7 +398,7 @@ def test_under_slurm_srun_starts_an_agent_on_every_node(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
     argv = ["train", "--stage", "0"]
-    cfg = TrainConfig(processes=16, nodes=2, global_batch=8)
+    cfg = TrainConfig(processes=16, nodes=2, global_batch=16)
     assert launcher(cfg, argv) == [
         "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
         f"--export=ALL,{NODE_AGENT}=1", sys.executable, "-m", "longctx.cli", *argv]
