@@ -13,6 +13,7 @@ from llm_data import build_tiny_chat_model
 from longctx.config import EvalConfig
 from longctx.errors import LongctxError
 from longctx.eval.engines import batch_size, vllm_engine_args
+from longctx.eval.lmeval_models import make_lm
 from longctx.eval.run import answer
 from longctx.eval.samples import EvalSample
 
@@ -46,13 +47,19 @@ def tiny(tmp_path_factory) -> Path:
 
 @NO_VLLM
 def test_the_vllm_engine_refuses_a_short_window_first_then_asks_for_its_extra(tiny, tmp_path):
-    """Both in one line, before any engine loads."""
+    """Both in one line, before any engine loads: the answering engine and lm-eval's."""
     samples = [EvalSample("vt", 2048, 0, "prompt", "Answer:", ("x",), "all", 30, 40)]
     short = EvalConfig(backend="vllm", max_model_len=1024)
     with pytest.raises(LongctxError, match=SHORT):
         answer(tiny, samples, short, tmp_path / "calls.sqlite")
     with pytest.raises(LongctxError, match=EXTRA):
         answer(tiny, samples, EvalConfig(backend="vllm"), tmp_path / "calls.sqlite")
+    run = dict(batch_size=4, max_length=2048, seed=0, device="cuda", dtype="bfloat16",
+               loglikelihood=[])
+    with pytest.raises(LongctxError, match=SHORT):
+        make_lm(short, tiny, **run)
+    with pytest.raises(LongctxError, match=EXTRA):
+        make_lm(EvalConfig(backend="vllm"), tiny, **run)
 
 
 def test_each_backend_is_handed_its_own_batch():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from llm_data import build_tiny_chat_model
 
-from longctx.config import LMEVAL_SHIPPED
+from longctx.config import LMEVAL_SHIPPED, EvalConfig
 from longctx.errors import LongctxError
 from longctx.eval.lmeval import (
     build_cloze,
@@ -31,8 +31,8 @@ def _doc(topic: str, paragraphs: int = 2) -> str:
 
 
 DOCS = [_doc(t) for t in TOPICS]
-RUN = dict(batch_size=2, device="cpu", dtype="float32", num_fewshot=None, seed=7,
-           max_length=None)
+RUN = dict(batch_size=2, engine=EvalConfig(device="cpu", dtype="float32"), num_fewshot=None,
+           seed=7, max_length=None)
 
 
 @pytest.fixture(scope="module")
