@@ -366,6 +366,15 @@ def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, engine: Eva
                        "lm_eval": lm_eval.__version__, **filled}}
 
 
+def ruler_window(samples: list[EvalSample]) -> int:
+    """The window longctx_ruler needs: lm-eval gives a task one generation budget (the largest
+    of its records, render_tasks) and left-truncates every prompt to the window minus that
+    budget, so the window holds the longest prompt plus it. A sample's own length holds only
+    its own budget: as the window, HFLM and vLLM would cut the haystack of a sample whose
+    budget is smaller (vt's 30 tokens beside niah's 128)."""
+    return max(s.prompt_tokens for s in samples) + max(s.max_new_tokens for s in samples)
+
+
 def evaluate_lmeval(cfg: LmevalConfig, eval_cfg: EvalConfig, seed: int, *, name: str,
                     model: Path, docs: Path, results: Path, ruler: Path | None = None) -> dict:
     """The `eval_lmeval` step for the model dir `model`: build the shipped tasks' data (the
@@ -380,7 +389,7 @@ def evaluate_lmeval(cfg: LmevalConfig, eval_cfg: EvalConfig, seed: int, *, name:
         if ruler is None:
             raise LongctxError("lmeval.tasks lists longctx_ruler: give the RULER samples")
         ruler_samples = read_samples(ruler)
-    max_length = max((s.length for s in ruler_samples), default=None) if ruler_samples else None
+    max_length = ruler_window(ruler_samples) if ruler_samples else None
     with tempfile.TemporaryDirectory(prefix="longctx-lmeval-data-") as tmp:
         write_task_data(Path(tmp), cloze, ruler_samples)
         result = run_lmeval(model, cfg.tasks, Path(tmp), engine=eval_cfg,
