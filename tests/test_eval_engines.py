@@ -1,5 +1,5 @@
 """The evaluation engines without a server or a GPU: what vLLM's engine is built with, the
-windows refused before it loads, the batch each backend is handed.
+windows refused before it loads, the batch each backend is handed, the serve command line.
 (The openai engine against `transformers serve`: test_eval_serve.py.)"""
 
 from __future__ import annotations
@@ -68,3 +68,14 @@ def test_each_backend_is_handed_its_own_batch():
     # openai: every connection kept busy a while, as in synthesis
     served = EvalConfig(backend="openai", base_url="http://h/v1", max_concurrency=3)
     assert batch_size(served) == 12
+
+
+def test_longctx_serve_eval_serves_every_model_unpinned_in_the_eval_sections_dtype():
+    from longctx.cli import build_parser, serve_argv
+
+    argv = serve_argv(None, "127.0.0.1", 8001, "cpu", "auto", [])
+    assert argv[argv.index("serve"):] == [
+        "serve", "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
+        "--port", "8001"]  # no model: a request names it, by its path
+    args = build_parser().parse_args(["serve", "--eval", "--port", "8002"])
+    assert args.eval and args.port == 8002
