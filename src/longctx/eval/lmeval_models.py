@@ -98,12 +98,13 @@ def _local_completions(cfg: EvalConfig, model_dir: Path, *, max_length: int | No
             return payload
 
     key = os.environ.get(cfg.api_key_env)  # in the header only: never logged or written
-    window = max_length or json.loads(
-        (Path(model_dir) / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    window = max_length or config.get("max_position_embeddings")  # else lm-eval's default
     return ChatAsText(model=str(model_dir), base_url=f"{url}/completions",
                       tokenizer=str(model_dir), tokenizer_backend="huggingface",
                       tokenized_requests=False, batch_size=1,
                       num_concurrent=cfg.max_concurrency, max_retries=cfg.max_retries,
-                      timeout=int(cfg.timeout_s), max_length=window, seed=seed,
+                      timeout=int(cfg.timeout_s), seed=seed,
+                      **({"max_length": window} if window else {}),
                       header={"Authorization": f"Bearer {key}"} if key else
                       {"Accept": "application/json"})

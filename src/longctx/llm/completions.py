@@ -86,7 +86,9 @@ class CompletionsBackend(OpenAIBackend):
         except _ReplicaDown as exc:
             raise LongctxError(f"{self.replicas.key} {self.replicas.urls[i]}: {exc}") from None
 
-    def _check(self, i: int) -> None:
+    # ------------------------------------------------------------------ OpenAIBackend hooks
+
+    def _ready(self, i: int) -> None:
         """Probe replica i's tokenizer once (later calls return at once): LongctxError when
         it counts the probe otherwise than our tokenizer does; _ReplicaDown when it does not
         answer (in `generate`, the request then goes to another replica)."""
@@ -105,13 +107,8 @@ class CompletionsBackend(OpenAIBackend):
             self._same_count(url, served, self._probe, "a probe prompt")
             self._checked[i] = True
 
-    # ------------------------------------------------------------------ OpenAIBackend hooks
-
     def _prompt(self, chat: Chat) -> dict[str, Any]:
         return {"prompt": self.render(chat)}
-
-    def _ready(self, i: int) -> None:
-        self._check(i)
 
     def _parse(self, data: dict[str, Any], url: str, body: dict[str, Any]) -> Completion:
         completion = super()._parse(data, url, body)
