@@ -25,3 +25,14 @@ def bundled_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bundled") / "base"
     prepare_base_model(BaseModelConfig(), model=path)
     return path
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    """Real news articles (the Lee corpus in gensim's wheel), two per document as paragraphs:
+    haystacks for evaluation samples."""
+    from gensim.test.utils import datapath
+
+    with open(datapath("lee_background.cor"), encoding="latin-1") as fh:
+        lines = [line.strip() for line in fh if 60 < len(line.split()) < 300][:40]
+    return ["\n\n".join(lines[i:i + 2]) for i in range(0, len(lines), 2)]

@@ -181,6 +181,13 @@ RULES = [
     ({"llm": {"base_url": ["http://a:8000/v1", "http://a:8000/v1/"]}},
      "llm.base_url[1]: 'http://a:8000/v1/' is listed twice"),
     ({"llm": {"base_url": 8000}}, "llm.base_url: expected a URL or a list of URLs, got 8000"),
+    ({"eval": {"backend": "openai"}}, "eval.base_url: required when eval.backend is 'openai'"),
+    ({"eval": {"backend": "openai", "base_url": ["http://a:8000/v1", "http://a:8000/v1"]}},
+     "eval.base_url[1]: 'http://a:8000/v1' is listed twice"),
+    ({"eval": {"backend": "vllm", "max_model_len": 16384}, "niah": {"lengths": [8192]},
+      "ruler": {"lengths": [4096, 32768]}},
+     ("eval.max_model_len: 16384 is below the longest evaluation sample (32768 tokens, "
+      "niah.lengths/ruler.lengths): raise it or leave it unset")),
     ({"lmeval": {"tasks": ["longctx_cloze", "ifeval", "longctx_cloze"]}},
      "lmeval.tasks[2]: 'longctx_cloze' is listed twice"),
     ({"lmeval": {"tasks": ["longctx_clozes"]}},
@@ -230,6 +237,8 @@ def test_rules_hold_at_their_edges():
         "http://10.0.0.1:8000/v1/", "https://gpu-2.cluster/v1"]}}).llm
     assert replicas.base_urls == ["http://10.0.0.1:8000/v1", "https://gpu-2.cluster/v1"]
     assert validate_params({"llm": {"base_url": "http://h/v1/"}}).llm.base_urls == ["http://h/v1"]
+    validate_params({"eval": {"backend": "vllm", "max_model_len": 32768}})  # the longest, exactly
+    validate_params({"eval": {"max_model_len": 512}})  # only vllm's engine has that window
 
 
 WINDOW = {"llm": {"context_tokens": 1000},

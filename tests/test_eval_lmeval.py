@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from llm_data import build_tiny_chat_model
 
-from longctx.config import LMEVAL_SHIPPED
+from longctx.config import LMEVAL_SHIPPED, EvalConfig
 from longctx.errors import LongctxError
 from longctx.eval.lmeval import (
     build_cloze,
@@ -31,8 +31,8 @@ def _doc(topic: str, paragraphs: int = 2) -> str:
 
 
 DOCS = [_doc(t) for t in TOPICS]
-RUN = dict(batch_size=2, device="cpu", dtype="float32", num_fewshot=None, seed=7,
-           max_length=None)
+RUN = dict(batch_size=2, engine=EvalConfig(device="cpu", dtype="float32"), num_fewshot=None,
+           seed=7, max_length=None)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,35 @@ def test_run_lmeval_ruler_with_chat_template_and_cloze_without(tiny_model, tmp_p
         measure.render(s.prompt, s.answer_prefix) for s in samples]
     assert all(r.args[1]["max_gen_toks"] == 3 and not r.args[1]["do_sample"] for r in requests)
     assert out["config"]["max_gen_toks"] == {"longctx_ruler": 3}
+
+
+def test_lm_eval_sees_every_ruler_prompt_whole_under_its_one_budget(tiny_model, tmp_path,
+                                                                     monkeypatch):
+    """lm-eval gives longctx_ruler the largest budget of its records and cuts each prompt to
+    the window minus it: at the longest sample's length, the long prompt with a small
+    budget would lose 37 tokens of its haystack."""
+    from lm_eval.models.huggingface import HFLM
+
+    from longctx.config import LmevalConfig
+    from longctx.eval.lmeval import evaluate_lmeval, ruler_window
+    from longctx.eval.samples import write_samples
+
+    measure, samples = ChatMeasure(tiny_model), []
+    for index, (words, budget) in enumerate([(40, 3), (4, 40)]):
+        prompt = "Say the word. " + "lighthouse " * words
+        n = measure(prompt, "The word is")
+        samples.append(EvalSample("niah_single_1", n + budget, index, prompt, "The word is",
+                                  ("word",), "all", budget, n))
+    assert ruler_window(samples) == samples[0].prompt_tokens + 40 > samples[0].length
+    write_samples(tmp_path / "ruler.parquet", samples)
+    seen, real = [], HFLM._model_generate
+    monkeypatch.setattr(HFLM, "_model_generate", lambda self, context, *a, **kw: seen.append(
+        context.shape[1]) or real(self, context, *a, **kw))
+    evaluate_lmeval(LmevalConfig(tasks=["longctx_ruler"], batch_size=1),
+                    EvalConfig(device="cpu", dtype="float32"), 7, name="tiny", model=tiny_model,
+                    docs=tmp_path / "unread.parquet", results=tmp_path / "lmeval.json",
+                    ruler=tmp_path / "ruler.parquet")
+    assert sorted(seen) == sorted(s.prompt_tokens for s in samples)
 
 
 def test_run_lmeval_rejects_unknown_tasks(tiny_model, tmp_path):

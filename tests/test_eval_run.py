@@ -8,7 +8,6 @@ import json
 
 import polars as pl
 import pytest
-from gensim.test.utils import datapath
 from llm_data import build_tiny_chat_model
 from synth_data import run_sharded
 
@@ -24,14 +23,6 @@ from longctx.eval.samples import ChatMeasure, EvalSample, read_samples, write_sa
 from longctx.repro import sha256_file
 
 CPU = EvalConfig(batch_size=4, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def texts() -> list[str]:
-    """Real news articles (the Lee corpus in gensim's wheel), two per document as paragraphs."""
-    with open(datapath("lee_background.cor"), encoding="latin-1") as fh:
-        lines = [line.strip() for line in fh if 60 < len(line.split()) < 300][:40]
-    return ["\n\n".join(lines[i:i + 2]) for i in range(0, len(lines), 2)]
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,12 @@ the openai backend, which spreads calls over both, finishes when one is killed m
 fails with one clear error when both are gone. Each replica's own access log counts the
 requests it answered."""
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from llm_data import complete
+from serving import Cluster, Replica, serve_workdir
 
 from longctx.config import LLMConfig
 from longctx.errors import LongctxError
@@ -24,7 +18,6 @@ from longctx.llm.openai import OpenAIBackend
 
 pytest.importorskip("uvicorn", reason="transformers serve needs pip install 'longctx[serve]'")
 
-READY_S = 240.0  # two cold starts on 2 busy CPU cores take about 30-60 s
 GREEDY = Sampling(max_new_tokens=8)
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "Say hello.",
              "What is 2 + 2?", "Name a fruit.", "Name an animal."]
@@ -34,103 +27,9 @@ def user(text):
     return [{"role": "user", "content": text}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Replica:
-    """One `longctx serve` process, its URL and its log."""
-
-    def __init__(self, model_dir: Path, workdir: Path, name: str) -> None:
-        self.model_dir, self.workdir, self.name = model_dir, workdir, name
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = self.workdir / f"{self.name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               "HF_HUB_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
-               "LONGCTX_PARAMS": str(self.workdir / "params.yaml")}
-        cmd = [sys.executable, "-c", "import sys; from longctx.cli import main; "
-               "sys.exit(main())", "serve", "--model", str(self.model_dir),
-               "--port", str(self.port)]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_ready(self, deadline: float) -> None:
-        """Until /health answers 200; a process that exits or a deadline passed fails the
-        test with the replica's own last words."""
-        while time.monotonic() < deadline:
-            if not self.alive():
-                pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.url[:-3] + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        pytest.fail(f"{self.name} not ready after {READY_S:.0f}s:\n{self.tail()}")
-
-    def answered(self) -> int:
-        """Chat requests its access log shows answered."""
-        text = self.log.read_text(errors="replace")
-        return text.count('"POST /v1/chat/completions HTTP/1.1" 200')
-
-    def answered_since(self, before: int, expected: int) -> int:
-        """answered() - before, once it reaches `expected` (the access log line may come a
-        moment after the client has read the reply) or 10 s have passed."""
-        deadline = time.monotonic() + 10
-        while self.answered() - before < expected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.answered() - before
-
-    def tail(self, lines: int = 25) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def kill(self) -> None:
-        """As a crash would: no graceful shutdown, connections in flight just drop."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-class Cluster:
-    def __init__(self, replicas: list[Replica]) -> None:
-        self.replicas = replicas
-
-    def ensure_up(self) -> list[Replica]:
-        """Both replicas serving (restarting one a test before killed, if tests reorder)."""
-        down = [r for r in self.replicas if not r.alive()]
-        for r in down:
-            r.start()
-        deadline = time.monotonic() + READY_S
-        for r in down:
-            r.wait_ready(deadline)
-        return self.replicas
-
-
 @pytest.fixture(scope="module")
 def cluster(bundled_model_dir, tmp_path_factory, root):
-    workdir = tmp_path_factory.mktemp("serve")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["llm"]["device"] = "cpu"  # the test is about CPU, even on a GPU machine
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    workdir = serve_workdir(tmp_path_factory.mktemp("serve"), root, "llm")
     cluster = Cluster([Replica(bundled_model_dir, workdir, name) for name in ("a", "b")])
     try:
         cluster.ensure_up()

@@ -222,6 +222,15 @@ def test_a_rules_cluster_job_asks_for_the_gpus_its_step_runs_on():
     assert "gpu" not in job_resources(served, "respond_shard")  # the server holds the GPU
     assert job_resources({"cluster": {"rules": {"respond_shard": {"gpus": 2}}}},
                          "respond_shard")["gpu"] == 2
+    # evaluation: on its own device (hf), its engine's tensor parallel GPUs (vllm), none when
+    # servers answer (openai)
+    assert job_resources({"eval": {"device": "cuda"}}, "eval_ruler")["gpu"] == 1
+    assert "gpu" not in job_resources({"eval": {"device": "cpu"}}, "eval_niah")
+    vllm = {"eval": {"backend": "vllm", "tensor_parallel_size": 4}}
+    assert job_resources(vllm, "eval_lmeval")["gpu"] == 4
+    evaluated = {"eval": {"backend": "openai", "base_url": "http://localhost:8000/v1",
+                          "device": "cuda"}}
+    assert "gpu" not in job_resources(evaluated, "eval_niah")
 
 
 def test_a_rules_threads_are_its_cluster_cpus_on_a_cluster_and_cores_locally():

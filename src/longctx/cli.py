@@ -302,12 +302,14 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(search_command(args.query, args.k, args.index, args.embeddings, args.docs))
 
 
-def serve_argv(model: Path, host: str, port: int, device: str, dtype: str,
+def serve_argv(model: Path | None, host: str, port: int, device: str, dtype: str,
                extra: list[str]) -> list[str]:
     """The `transformers serve` command line for a model dir, pinned to it (so a request's
-    `model` is the path as given: models/base, what llm.model 'base' sends), in the hf
-    backend's device and dtype (auto: bfloat16 on GPU, float32 on CPU, not the checkpoint's
-    bfloat16), so `openai` through it decodes as `hf` does."""
+    `model` is the path as given: models/base, what llm.model 'base' sends), or with no
+    model (None) unpinned: each model dir a request names is loaded when first asked for
+    (models/stage-0: what eval.backend openai sends). In the hf backend's device and dtype
+    (auto: bfloat16 on GPU, float32 on CPU, not the checkpoint's bfloat16), so `openai`
+    through it decodes as `hf` does."""
     from longctx.hub import resolve_device
     from longctx.llm.hf import resolve_dtype
 
@@ -315,7 +317,8 @@ def serve_argv(model: Path, host: str, port: int, device: str, dtype: str,
     exe = Path(sys.executable).with_name("transformers")  # the console script of this venv
     head = [str(exe)] if exe.is_file() else [
         sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
-    return [*head, "serve", str(model), "--device", device, "--dtype",
+    pinned = [] if model is None else [str(model)]
+    return [*head, "serve", *pinned, "--device", device, "--dtype",
             resolve_dtype(dtype, device), "--host", host, "--port", str(port), *extra]
 
 
@@ -328,11 +331,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai")):
         raise LongctxError("longctx serve runs `transformers serve`, which needs its serving "
                            "extra: pip install 'longctx[serve]'")
-    if not args.model.is_dir():
+    if not args.eval and not args.model.is_dir():
         raise LongctxError(f"{args.model}: no model directory (run `snakemake models/base`)")
-    llm = _params(args).llm
+    section = _params(args).eval if args.eval else _params(args).llm
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    argv = serve_argv(args.model, args.host, args.port, llm.device, llm.dtype, extra)
+    argv = serve_argv(None if args.eval else args.model, args.host, args.port, section.device,
+                      section.dtype, extra)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local dir: nothing to download
     os.environ.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")  # no PyPI call at start
     log.info("serve: %s", " ".join(["transformers", *argv[argv.index("serve"):]]))
@@ -466,6 +470,10 @@ def _add_inspection(add) -> None:
             "`transformers serve` (its device and dtype from the llm section), e.g. one "
             "replica of llm.base_url for llm.backend: openai")
     p.add_argument("--model", type=Path, default=Path("models/base"))
+    p.add_argument("--eval", action="store_true", help="serve every evaluated model instead, "
+                   "unpinned (models/base, models/stage-<k>, each loaded when first asked "
+                   "for, by its path from here), in the eval section's device and dtype: a "
+                   "replica of eval.base_url for eval.backend: openai")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("extra", nargs=argparse.REMAINDER,

@@ -237,6 +237,23 @@ BaseURL = Annotated[_URL | Annotated[list[_URL], Field(min_length=1)] | None,
                     BeforeValidator(_base_url_value)]
 
 
+# The openai backend's client settings, shared by llm (synthesis) and eval (evaluation).
+ApiKeyEnv = Annotated[str, Field(
+    description="openai: NAME of the environment variable holding the API key (never the key)")]
+MaxConcurrency = Annotated[int, Field(gt=0, description="openai: requests in flight")]
+MaxRetries = Annotated[int, Field(
+    ge=0, description="openai: retries on 5xx, 429 and timeouts (exponential backoff)")]
+TimeoutS = Annotated[float, Field(
+    gt=0, description="openai: seconds before a request counts as timed out")]
+
+
+def _server_given(section: Section, name: str) -> Section:
+    """Said with the params, not when a step first opens the backend."""
+    if section.backend == "openai" and section.base_url is None:
+        raise RuleError("base_url", f"required when {name}.backend is 'openai'")
+    return section
+
+
 class LLMConfig(Section):
     backend: Literal["hf", "openai", "vllm"] = Field(
         default="hf",
@@ -253,18 +270,11 @@ class LLMConfig(Section):
         description="openai: the server's base URL, e.g. http://localhost:8000/v1, or a list of "
         "replicas serving the same model (calls go to the least busy live one)",
     )
-    api_key_env: str = Field(
-        default="OPENAI_API_KEY",
-        description="openai: NAME of the environment variable holding the API key (never the key)",
-    )
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY"
     batch_size: PositiveInt = Field(default=8, description="hf/vllm: prompts per generate call")
-    max_concurrency: PositiveInt = Field(default=8, description="openai: requests in flight")
-    max_retries: Annotated[int, Field(ge=0)] = Field(
-        default=4, description="openai: retries on 5xx, 429 and timeouts (exponential backoff)"
-    )
-    timeout_s: Annotated[float, Field(gt=0)] = Field(
-        default=300.0, description="openai: seconds before a request counts as timed out"
-    )
+    max_concurrency: MaxConcurrency = 8
+    max_retries: MaxRetries = 4
+    timeout_s: TimeoutS = 300.0
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="hf: device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="hf/vllm: compute dtype (auto: bfloat16 on GPU, float32 on CPU)"
@@ -276,12 +286,7 @@ class LLMConfig(Section):
     )
     trust_remote_code: bool = Field(default=False, description="allow model code from the hub")
 
-    @model_validator(mode="after")
-    def _server_given(self) -> LLMConfig:
-        """Said with the params, not when a synthesis step first opens the backend."""
-        if self.backend == "openai" and self.base_url is None:
-            raise RuleError("base_url", "required when llm.backend is 'openai'")
-        return self
+    _server_given = model_validator(mode="after")(lambda self: _server_given(self, "llm"))
 
     @property
     def base_urls(self) -> list[str]:
@@ -670,13 +675,44 @@ EvalLengths = Annotated[list[Annotated[int, Field(ge=128)]], Field(min_length=1)
 
 class EvalConfig(Section):
     """How every model (models/base and each stage) generates its answers: greedy, batched
-    by length, through the chat template with the task's answer prefix."""
+    by length, through the chat template with the task's answer prefix, on one engine."""
 
+    backend: Literal["hf", "vllm", "openai"] = Field(
+        default="hf",
+        description="hf: transformers in this process; vllm: vLLM's offline engine (the `vllm` "
+        "extra); openai: the /v1/completions endpoint of OpenAI-compatible servers, the prompt "
+        "rendered here by the model's own chat template",
+    )
     batch_size: PositiveInt = Field(default=8, description="prompts per generate call")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="auto: bfloat16 on GPU, float32 on CPU"
     )
+    base_url: BaseURL = Field(
+        default=None,
+        description="openai: the server's base URL, or a list of replicas; each serves every "
+        "evaluated model under its directory's path (models/base, models/stage-<k>), as "
+        "`longctx serve --eval` does",
+    )
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY"
+    max_concurrency: MaxConcurrency = 8
+    max_retries: MaxRetries = 4
+    timeout_s: TimeoutS = 300.0
+    tensor_parallel_size: PositiveInt = Field(
+        default=1, description="vllm: GPUs each model is split over"
+    )
+    max_model_len: PositiveInt | None = Field(
+        default=None, description="vllm: the engine's window in tokens (default: the longest "
+        "sample, prompt and answer; below it is refused)"
+    )
+    enable_chunked_prefill: bool = Field(
+        default=True, description="vllm: prefill long prompts in chunks, between decode steps"
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        default="auto", description="vllm: KV cache dtype (fp8: half the memory of bfloat16)"
+    )
+
+    _server_given = model_validator(mode="after")(lambda self: _server_given(self, "eval"))
 
 
 class NiahConfig(Section):
@@ -858,6 +894,17 @@ def _sequence_faults(params: Params) -> list[RuleError]:
     return faults
 
 
+def _eval_window_faults(params: Params) -> list[RuleError]:
+    """A vLLM window below the longest evaluation sample would fail each model's job only
+    once its engine is up; the sample lengths are in the params, so say it now."""
+    window, longest = params.eval.max_model_len, max(params.niah.lengths + params.ruler.lengths)
+    if params.eval.backend != "vllm" or window is None or window >= longest:
+        return []
+    return [RuleError("eval.max_model_len", f"{window} is below the longest evaluation sample "
+                      f"({longest} tokens, niah.lengths/ruler.lengths): raise it or leave it "
+                      "unset")]
+
+
 class ShardsConfig(Section):
     """How many jobs each sharded step runs as (scatter), before one job gathers their parts
     into the step's table. The table is the same bytes for any count: the count trades jobs
@@ -912,7 +959,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
         """Rules between sections, all reported at once."""
-        faults = _window_faults(self) + _sequence_faults(self)
+        faults = _window_faults(self) + _sequence_faults(self) + _eval_window_faults(self)
         if faults:
             raise RuleError.merge(faults)
         return self

@@ -293,7 +293,9 @@ def job_threads(workflow: Any, config: dict[str, Any], rule: str, local: int | N
 def job_gpus(params: Any, rule: str) -> int:
     """GPUs a rule's job needs, from what its step runs on: the embedder where its device is
     cuda, the LLM steps under the in-process backends (hf, vllm) unless on the CPU, training
-    one per process, evaluation unless on the CPU; `cluster.rules.<rule>.gpus` overrides."""
+    one per process, evaluation under hf unless on the CPU and under vllm its
+    tensor_parallel_size (openai: the servers hold them); `cluster.rules.<rule>.gpus`
+    overrides."""
     given = params.cluster.job(rule).gpus
     if given is not None:
         return given
@@ -304,7 +306,10 @@ def job_gpus(params: Any, rule: str) -> int:
     if rule == "train_stage":
         return 0 if params.train.device == "cpu" else params.train.processes
     if rule in EVAL_RULES:
-        return int(params.eval.device != "cpu")
+        backend = params.eval.backend
+        if backend == "vllm":
+            return params.eval.tensor_parallel_size
+        return int(backend == "hf" and params.eval.device != "cpu")
     return 0
 
 

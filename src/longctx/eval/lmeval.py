@@ -12,7 +12,9 @@ Runs with only shipped tasks are offline (the hub flags are forced on); a standa
 Log-likelihood tasks run without the chat template (a cloze is text continuation, and base
 and trained stages then compare on equal terms), generation tasks with it (the models are chat
 models, and our RULER runner prompts them that way); lm-eval applies the choice per call, so
-we make one call per kind with the same loaded model.
+we make one call per kind with the same loaded model. The model runs on the engine of
+`eval.backend`, as our own runner's do: lm-eval's HFLM, `vllm` or `local-completions`
+(lmeval_models.py).
 """
 
 from __future__ import annotations
@@ -296,12 +298,17 @@ def _load_tasks(manager: Any, tasks: list[str]) -> tuple[dict[bool, list[Any]], 
     return split, chat_by_name
 
 
-def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, batch_size: int,
-               device: str, dtype: str, limit: int | None, num_fewshot: int | None, seed: int,
+def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, engine: EvalConfig,
+               batch_size: int, limit: int | None, num_fewshot: int | None, seed: int,
                max_length: int | None) -> dict:
     """Evaluate the model at `model_dir` on `tasks` (shipped ones read their data from
-    `data_dir`); returns {"scores", "versions", "n_samples", "config"}. Greedy, seeded and
-    with a fixed batch size, so the same inputs give the same scores."""
+    `data_dir`) on the engine of `engine.backend` (lmeval_models.py); returns {"scores",
+    "versions", "n_samples", "config"}. Greedy, seeded and with a fixed batch size, so the
+    same inputs give the same scores."""
+    from longctx.eval.lmeval_models import make_lm
+    from longctx.hub import resolve_device
+    from longctx.llm.hf import resolve_dtype
+
     if not tasks:
         raise LongctxError("lm-eval: no tasks listed (lmeval.tasks)")
     # each task once and no unknown longctx_ name: the params refuse those (LmevalConfig)
@@ -316,7 +323,6 @@ def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, batch_size:
     with no_downloads, tempfile.TemporaryDirectory(prefix="longctx-lmeval-") as tmp:
         filled = render_tasks(data_dir, ours, Path(tmp) / "tasks")
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         # The default index (~15k YAMLs) takes seconds to build: only when it is needed.
@@ -329,12 +335,11 @@ def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, batch_size:
                 f"lm-eval task names work with hub access, or with their datasets in the local "
                 f"Hugging Face cache")
         split, chat_tasks = _load_tasks(manager, tasks)
-        try:
-            lm = HFLM(pretrained=str(model_dir), dtype=dtype, device=device,
-                      batch_size=batch_size, max_length=max_length, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise LongctxError(f"{model_dir}: lm-eval cannot load the model ({one_line(exc)})") \
-                from None
+        device = resolve_device(engine.device)
+        dtype = resolve_dtype(engine.dtype, device)
+        lm = make_lm(engine, Path(model_dir), batch_size=batch_size, max_length=max_length,
+                     seed=seed, device=device, dtype=dtype,
+                     loglikelihood=[t for t, chat in chat_tasks.items() if not chat])
         if split[True] and not getattr(lm.tokenizer, "chat_template", None):
             raise LongctxError(f"{model_dir}: the tokenizer has no chat template, which the "
                                f"generation tasks need")
@@ -354,9 +359,20 @@ def run_lmeval(model_dir: Path, tasks: list[str], data_dir: Path, *, batch_size:
             n_samples |= res.get("n-samples", {})
     return {"scores": dict(sorted(scores.items())), "versions": versions, "n_samples": n_samples,
             "config": {"tasks": list(tasks), "chat_template": chat_tasks, "limit": limit,
-                       "num_fewshot": num_fewshot, "batch_size": batch_size, "dtype": dtype,
-                       "device": device, "max_length": max_length, "seed": seed,
+                       "num_fewshot": num_fewshot, "batch_size": batch_size,
+                       "backend": engine.backend,
+                       **({"dtype": dtype, "device": device} if engine.backend == "hf" else {}),
+                       "max_length": max_length, "seed": seed,
                        "lm_eval": lm_eval.__version__, **filled}}
+
+
+def ruler_window(samples: list[EvalSample]) -> int:
+    """The window longctx_ruler needs: lm-eval gives a task one generation budget (the largest
+    of its records, render_tasks) and left-truncates every prompt to the window minus that
+    budget, so the window holds the longest prompt plus it. A sample's own length holds only
+    its own budget: as the window, HFLM and vLLM would cut the haystack of a sample whose
+    budget is smaller (vt's 30 tokens beside niah's 128)."""
+    return max(s.prompt_tokens for s in samples) + max(s.max_new_tokens for s in samples)
 
 
 def evaluate_lmeval(cfg: LmevalConfig, eval_cfg: EvalConfig, seed: int, *, name: str,
@@ -365,10 +381,7 @@ def evaluate_lmeval(cfg: LmevalConfig, eval_cfg: EvalConfig, seed: int, *, name:
     cloze from the corpus `docs`, the RULER samples `ruler` as records), run lm-eval, write
     {"model": name, "scores", ...} to `results`."""
     from longctx.eval.samples import read_samples
-    from longctx.hub import resolve_device
-    from longctx.llm.hf import resolve_dtype
 
-    device = resolve_device(eval_cfg.device)
     cloze = build_cloze(read_docs(docs), cfg.cloze_samples, seed) \
         if "longctx_cloze" in cfg.tasks else None
     ruler_samples = None
@@ -376,13 +389,12 @@ def evaluate_lmeval(cfg: LmevalConfig, eval_cfg: EvalConfig, seed: int, *, name:
         if ruler is None:
             raise LongctxError("lmeval.tasks lists longctx_ruler: give the RULER samples")
         ruler_samples = read_samples(ruler)
-    max_length = max((s.length for s in ruler_samples), default=None) if ruler_samples else None
+    max_length = ruler_window(ruler_samples) if ruler_samples else None
     with tempfile.TemporaryDirectory(prefix="longctx-lmeval-data-") as tmp:
         write_task_data(Path(tmp), cloze, ruler_samples)
-        result = run_lmeval(model, cfg.tasks, Path(tmp), batch_size=cfg.batch_size,
-                            device=device, dtype=resolve_dtype(eval_cfg.dtype, device),
-                            limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=seed,
-                            max_length=max_length)
+        result = run_lmeval(model, cfg.tasks, Path(tmp), engine=eval_cfg,
+                            batch_size=cfg.batch_size, limit=cfg.limit,
+                            num_fewshot=cfg.num_fewshot, seed=seed, max_length=max_length)
     result = {"model": name, **result}
     write_json(results, result)
     return result

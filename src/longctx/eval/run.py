@@ -1,9 +1,10 @@
 """Answer evaluation samples with one model and score them (NIAH grid, RULER).
 
-Generation goes through the same machinery as synthesis: the transformers backend (greedy,
-batches of similar length, unpadded prefill on CPU) behind the content-addressed call cache,
-so a killed evaluation resumes without regenerating finished batches, and the prompt the
-model sees is exactly the one the samples were sized with (checked, token for token).
+Generation goes through the same machinery as synthesis: a backend of `eval.backend` (hf in
+this process, vLLM's offline engine, or OpenAI-compatible servers on /v1/completions; see
+engines.py) behind the content-addressed call cache, so a killed evaluation resumes without
+regenerating finished batches, and the prompt the model sees is exactly the one the samples
+were sized with (checked, token for token, with the model's own tokenizer on every backend).
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ TEMPLATE_VERSION = "eval-v1"  # the call cache's template version for evaluation
 def answer(model_dir: Path, samples: list[EvalSample], cfg: EvalConfig,
            cache_path: Path | None = None, desc: str = "eval") -> list[str]:
     """The model's continuation of each sample's answer prefix, greedy, in sample order."""
+    from longctx.eval.engines import answer_backend, batch_size
     from longctx.llm.base import Sampling
     from longctx.llm.cache import CallCache
     from longctx.llm.client import LLM
-    from longctx.llm.hf import HFBackend
 
     if not samples:
         return []
-    # The grid deliberately goes past a stage's trained length: the window is the samples'.
-    backend = HFBackend(model_dir, device=cfg.device, dtype=cfg.dtype,
-                        context_tokens=max(s.length for s in samples))
+    backend = answer_backend(cfg, model_dir, longest=max(s.length for s in samples))
     chats = [chat_messages(s.prompt, s.answer_prefix) for s in samples]
     counts = backend.prompt_tokens([backend.render(c) for c in chats])
     for s, n in zip(samples, counts):
@@ -52,7 +51,7 @@ def answer(model_dir: Path, samples: list[EvalSample], cfg: EvalConfig,
     by_budget: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_budget[s.max_new_tokens].append(i)
-    with LLM(backend, CallCache(cache_path), cfg.batch_size) as llm:
+    with LLM(backend, CallCache(cache_path), batch_size(cfg)) as llm:
         for budget, members in sorted(by_budget.items()):
             done = llm.chat([chats[i] for i in members], Sampling(max_new_tokens=budget),
                             TEMPLATE_VERSION, desc=f"{desc} (<= {budget} new tokens)")

@@ -1,6 +1,7 @@
 """A client for OpenAI-compatible `/v1/chat/completions` servers (vLLM, SGLang, TGI,
 llama.cpp, `transformers serve`): one server, or several replicas of the same model, using
-only the standard library.
+only the standard library. (`completions.py` is the same client on `/v1/completions`, with
+the prompt rendered by the model's own chat template, for evaluation.)
 
 Up to `max_concurrency` requests are in flight, each on the live replica with the fewest
 requests in flight (ties taken in turn). 5xx, 429 and timeouts are retried on the same
@@ -64,10 +65,11 @@ class Replicas:
     request it was already serving succeeds. Thread-safe: the pool's workers share it.
     """
 
-    def __init__(self, urls: list[str], dead_s: float = DEAD_S) -> None:
+    def __init__(self, urls: list[str], dead_s: float = DEAD_S, key: str = "llm.base_url") -> None:
         if not urls:
             raise ValueError("no replica URLs")
         self.urls = urls
+        self.key = key  # the params key that lists them, for the messages
         self.dead_s = dead_s
         self.served = [0] * len(urls)  # requests answered, per replica
         self._busy = [0] * len(urls)
@@ -94,7 +96,7 @@ class Replicas:
             if answered:
                 self.served[i] += 1
                 if self._dead_until[i]:
-                    log.info("llm.base_url %s answers again", self.urls[i])
+                    log.info("%s %s answers again", self.key, self.urls[i])
                 self._dead_until[i] = 0.0
 
     def mark_down(self, i: int, why: str) -> None:
@@ -103,7 +105,7 @@ class Replicas:
             self._why[i] = why
             left = len(self._live())
         if len(self.urls) > 1:
-            log.warning("llm.base_url %s is down (%s); %d of %d replicas left for %.0fs",
+            log.warning("%s %s is down (%s); %d of %d replicas left for %.0fs", self.key,
                         self.urls[i], why, left, len(self.urls), self.dead_s)
 
     def down(self) -> dict[str, str]:
@@ -122,8 +124,8 @@ class Replicas:
 
     def _all_down(self) -> str:
         if len(self.urls) == 1:
-            return f"llm.base_url {self.urls[0]}: {self._why[0]}"
-        return "llm.base_url: every replica is down: " + "; ".join(
+            return f"{self.key} {self.urls[0]}: {self._why[0]}"
+        return f"{self.key}: every replica is down: " + "; ".join(
             f"{url} ({why})" for url, why in zip(self.urls, self._why))
 
 
@@ -140,14 +142,17 @@ class OpenAIBackend:
     """
 
     name = "openai"
+    endpoint = "/chat/completions"  # completions.py: /completions, the prompt rendered by us
     context_tokens = None  # the server knows its window; it answers 400 if a prompt is too long
 
     def __init__(self, base_url: str | list[str], model: str, *, model_identity: Any = None,
                  api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
                  max_retries: int = 4, timeout_s: float = 300.0, backoff_s: float = 1.0,
-                 max_backoff_s: float = 60.0, dead_s: float = DEAD_S) -> None:
+                 max_backoff_s: float = 60.0, dead_s: float = DEAD_S,
+                 section: str = "llm") -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
-        self.replicas = Replicas([u.rstrip("/") for u in urls], dead_s)
+        self.section = section  # the params section it is configured in, for the messages
+        self.replicas = Replicas([u.rstrip("/") for u in urls], dead_s, f"{section}.base_url")
         self.model = model
         self.max_retries = max_retries
         self.timeout_s = timeout_s
@@ -185,43 +190,61 @@ class OpenAIBackend:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if len(self.replicas.urls) > 1:
-            log.info("llm: requests answered per replica: %s", ", ".join(
+            log.info("%s: requests answered per replica: %s", self.section, ", ".join(
                 f"{u} {n}" for u, n in zip(self.replicas.urls, self.replicas.served)))
 
     # ------------------------------------------------------------------ one request
 
-    def _complete(self, chat: Chat, sampling: Sampling, seed: int) -> Completion:
-        """One chat, on whichever replica is live; a replica that fails hands it on."""
-        body = {"model": self.model, "messages": chat, "max_tokens": sampling.max_new_tokens,
+    def _body(self, chat: Chat, sampling: Sampling, seed: int) -> dict[str, Any]:
+        """One call's request (the completions backend sends a rendered prompt instead)."""
+        body = {"model": self.model, **self._prompt(chat), "max_tokens": sampling.max_new_tokens,
                 "temperature": sampling.temperature, "top_p": sampling.top_p}
         if not sampling.greedy:
             body["seed"] = seed
+        return body
+
+    def _prompt(self, chat: Chat) -> dict[str, Any]:
+        return {"messages": chat}  # the server renders them with its own chat template
+
+    def _ready(self, i: int) -> None:
+        """Before a request goes to replica i: nothing to check here (the completions
+        backend probes each replica's tokenizer once)."""
+
+    def _complete(self, chat: Chat, sampling: Sampling, seed: int) -> Completion:
+        """One chat, on whichever replica is live; a replica that fails hands it on."""
+        body = self._body(chat, sampling, seed)
         while True:  # ends: each failure marks a replica down, and none left raises
             i = self.replicas.acquire()
             answered = False
             try:
-                data = self._post_with_retries(i, "/chat/completions", body)
+                self._ready(i)
+                data = self._post_with_retries(i, self.endpoint, body)
                 answered = True
             except _ReplicaDown as exc:
                 self.replicas.mark_down(i, str(exc))
                 continue
             finally:
                 self.replicas.release(i, answered)
-            return self._parse(data, self.replicas.urls[i])
+            return self._parse(data, self.replicas.urls[i], body)
 
-    def _parse(self, data: dict[str, Any], url: str) -> Completion:
+    def _parse(self, data: dict[str, Any], url: str, body: dict[str, Any]) -> Completion:
+        """The reply as a Completion (`body`, the request, for subclasses that check it)."""
         try:
             choice = data["choices"][0]
             usage = data.get("usage") or {}
             return Completion(
-                text=choice["message"]["content"] or "",
+                text=self._text(choice),
                 finish_reason=FINISH.get(choice.get("finish_reason") or "stop", "stop"),
                 prompt_tokens=int(usage.get("prompt_tokens", 0)),
                 completion_tokens=int(usage.get("completion_tokens", 0)),
             )
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise LongctxError(f"llm.base_url {url}: unexpected response shape "
+            raise LongctxError(f"{self.replicas.key} {url}: unexpected response shape "
                                f"({type(exc).__name__}: {exc}): {str(data)[:200]}") from None
+
+    @staticmethod
+    def _text(choice: dict[str, Any]) -> str:
+        return choice["message"]["content"] or ""
 
     def _post_with_retries(self, i: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The replica's own retries; _ReplicaDown when they are spent, or at once when
@@ -240,7 +263,7 @@ class OpenAIBackend:
                 delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
                 delay = exc.retry_after if exc.retry_after is not None else delay
                 delay = min(self.max_backoff_s, delay) * random.uniform(0.5, 1.0)  # jitter
-                log.warning("llm.base_url %s: %s; retry %d/%d in %.1fs", url, last,
+                log.warning("%s %s: %s; retry %d/%d in %.1fs", self.replicas.key, url, last,
                             attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
         raise _ReplicaDown(f"unreachable after {self.max_retries} retries (last error: {last})")
@@ -258,8 +281,8 @@ class OpenAIBackend:
             detail = _snippet(exc.read())
             if exc.code >= 500 or exc.code in RETRY_STATUS:
                 raise _Retryable(f"HTTP {exc.code}: {detail}", _retry_after(exc.headers)) from None
-            hint = " (check llm.api_key_env)" if exc.code in (401, 403) else ""
-            raise LongctxError(f"llm.base_url {url}: HTTP {exc.code} for model "
+            hint = f" (check {self.section}.api_key_env)" if exc.code in (401, 403) else ""
+            raise LongctxError(f"{self.replicas.key} {url}: HTTP {exc.code} for model "
                                f"{self.model!r}{hint}: {detail}") from None
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
             reason = getattr(exc, "reason", exc)  # URLError wraps the socket error

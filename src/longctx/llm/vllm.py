@@ -18,7 +18,12 @@ from longctx.errors import LongctxError
 from longctx.llm.base import Chat, Completion, Sampling, check_window
 from longctx.llm.hf import eos_token_ids, render_chat, resolve_model
 
-NEEDS_EXTRA = "llm.backend 'vllm' needs the vllm extra: pip install 'longctx[vllm]'"
+NEEDS_EXTRA = "{section}.backend 'vllm' needs the vllm extra: pip install 'longctx[vllm]'"
+
+
+def vllm_dtype(dtype: str) -> str:
+    """auto: bfloat16 (vLLM runs on GPUs), else as given."""
+    return "bfloat16" if dtype == "auto" else dtype
 
 
 class VLLMBackend:
@@ -26,15 +31,15 @@ class VLLMBackend:
 
     def __init__(self, model: str | Path, *, dtype: str = "auto",
                  context_tokens: int | None = None, trust_remote_code: bool = False,
-                 seed: int = 0, **engine_args: Any) -> None:
+                 seed: int = 0, section: str = "llm", **engine_args: Any) -> None:
         try:
             import vllm
         except ImportError:
-            raise LongctxError(NEEDS_EXTRA) from None
+            raise LongctxError(NEEDS_EXTRA.format(section=section)) from None
         from transformers import GenerationConfig
 
         path, identity = resolve_model(str(model))
-        self.dtype = "bfloat16" if dtype == "auto" else dtype
+        self.dtype = vllm_dtype(dtype)
         self.engine = vllm.LLM(
             model=str(path), dtype=self.dtype, seed=seed, trust_remote_code=trust_remote_code,
             max_model_len=context_tokens, **engine_args,
@@ -48,6 +53,8 @@ class VLLMBackend:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         self.context_tokens = context_tokens or config.get("max_position_embeddings")
         self.identity = {"backend": "vllm", "model": identity, "dtype": self.dtype}
+        if engine_args:  # eval's: a KV cache in fp8, another split or prefill, other numerics
+            self.identity["engine"] = dict(sorted(engine_args.items()))
 
     def render(self, chat: Chat) -> str:
         return render_chat(self.tokenizer, chat)
